@@ -1,0 +1,93 @@
+"""Adapting a prior to the observed voxels of one case.
+
+`inner_step` is the meta-training inner loop's step, used unchanged here: the same loss, the
+same per-parameter step sizes. It is written with `torch.func` so training can `vmap` it over a
+batch of tasks and differentiate through it.
+"""
+
+from typing import Callable, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .errors import Cancelled
+from .siren import Params, Siren, logits, reconstruction_loss
+
+Progress = Callable[[int, int, Optional[float]], bool]
+
+
+def report(progress: Optional[Progress], step: int, total: int, loss: Optional[float] = None) -> None:
+    """Call a progress callback; a False answer cancels the work."""
+    if progress is not None and progress(step, total, loss) is False:
+        raise Cancelled("cancelled")
+
+
+def sample_points(count: int, limit: int, seed: int = 0) -> np.ndarray:
+    """Indices of a uniform random subset of `limit` of `count` items (all when count <= limit)."""
+    if count <= limit:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
+
+
+def inner_step(model: Siren, params: Mapping[str, torch.Tensor], inner_lr: Mapping[str, torch.Tensor],
+               coords: torch.Tensor, target: torch.Tensor, weight_decay: float,
+               first_order: bool = False) -> Tuple[Params, torch.Tensor]:
+    """One gradient step on the context points: theta - alpha * grad L(theta)."""
+
+    def loss_of(p):
+        return reconstruction_loss(logits(model, p, coords), target, p, weight_decay)
+
+    grads, loss = torch.func.grad_and_value(loss_of)(dict(params))
+    if first_order:
+        grads = {k: g.detach() for k, g in grads.items()}
+    return {k: params[k] - inner_lr[k] * grads[k] for k in params}, loss
+
+
+def adapt(model: Siren, params: Mapping[str, torch.Tensor], inner_lr: Mapping[str, torch.Tensor],
+          coords: torch.Tensor, target: torch.Tensor, steps: int, weight_decay: float,
+          progress: Optional[Progress] = None) -> Tuple[Params, List[float]]:
+    """`steps` inner-loop steps; returns the adapted weights and the loss before each step."""
+    losses = []
+    params = dict(params)
+    for step in range(steps):
+        params, loss = inner_step(model, params, inner_lr, coords, target, weight_decay)
+        params = {k: v.detach() for k, v in params.items()}
+        losses.append(float(loss))
+        report(progress, step + 1, steps, losses[-1])
+    return params, losses
+
+
+def adapt_until_converged(model: Siren, params: Mapping[str, torch.Tensor], coords: torch.Tensor,
+                          target: torch.Tensor, weight_decay: float, lr: float, patience: int,
+                          max_steps: int, progress: Optional[Progress] = None,
+                          step_offset: int = 0) -> Tuple[Params, List[float]]:
+    """Continue with Adam until the context loss has not improved for `patience` steps.
+
+    Returns the best weights seen and the loss of every step."""
+    current = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    optimiser = torch.optim.Adam(current.values(), lr=lr)
+    best = {k: v.detach().clone() for k, v in current.items()}
+    best_loss, since_best, losses = float("inf"), 0, []
+    for step in range(max_steps):
+        optimiser.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = reconstruction_loss(logits(model, current, coords), target, current, weight_decay)
+            loss.backward()
+        value = float(loss.detach())
+        losses.append(value)
+        if value < best_loss - 1e-6:
+            best_loss, since_best = value, 0
+            best = {k: v.detach().clone() for k, v in current.items()}
+        else:
+            since_best += 1
+        report(progress, step_offset + step + 1, step_offset + max_steps, value)
+        if since_best >= patience:
+            break
+        optimiser.step()
+    return best, losses
+
+
+def to_tensors(coords: np.ndarray, target: np.ndarray, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    return (torch.as_tensor(np.asarray(coords, np.float32), device=device),
+            torch.as_tensor(np.asarray(target, np.float32), device=device))
+

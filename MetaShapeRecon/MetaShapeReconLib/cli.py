@@ -1,0 +1,184 @@
+"""`metashaperecon`: headless reconstruction.
+
+    metashaperecon reconstruct INPUT OUTPUT [--prior NAME|PATH] [--steps N|auto]
+        [--slices auto | AXIS:STEP[:OFFSET]] [--label N] [--device auto|cpu|cuda]
+        [--surface MESH] [--report REPORT.json] [--output-spacing MM] ...
+    metashaperecon demo [--output-dir DIR]
+    metashaperecon priors
+
+Bad input ends with a one-line message on stderr, exit status 2 and no output file.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from contextlib import ExitStack
+from typing import List, Optional
+
+from .errors import Cancelled, InputError
+
+EXIT_INPUT_ERROR = 2
+PROGRAM = "metashaperecon"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other input error
+        self.exit(EXIT_INPUT_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class ProgressLine:
+    """Progress on stderr: a redrawn line on a terminal, nothing otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, step: int, total: int, loss: Optional[float]) -> bool:
+        now = time.perf_counter()
+        if self.enabled and (now - self.last > 0.1 or step == total):
+            self.last = now
+            text = f"\r{PROGRAM}: {step}/{total}" + (f"  loss {loss:.4f}" if loss is not None else "")
+            sys.stderr.write(text.ljust(48) + ("\n" if step == total else ""))
+            sys.stderr.flush()
+        return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROGRAM, description="Reconstruct complete 3-D shapes from sparse segmentations "
+                     "with a meta-learned implicit shape prior.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    rec = commands.add_parser("reconstruct", help="reconstruct a sparse labelmap",
+                              description="Reconstruct the complete structure of a sparse labelmap.")
+    rec.add_argument("input", help="sparse labelmap (.nii, .nii.gz, .nrrd, .seg.nrrd, .mha, .mhd)")
+    rec.add_argument("output", help="output labelmap (uint8 0/1, the input's geometry)")
+    add_reconstruction_options(rec)
+    rec.add_argument("--surface", metavar="MESH", help="also write the surface (.vtk .vtp .stl .ply .obj, LPS)")
+    rec.add_argument("--smoothing", type=int, default=15, metavar="N",
+                     help="surface smoothing iterations (0: none; default 15)")
+    rec.add_argument("--report", metavar="REPORT.json", help="write a JSON report")
+    rec.add_argument("--quiet", action="store_true", help="no progress line")
+
+    demo = commands.add_parser("demo", help="reconstruct the bundled sample case and compare with its truth")
+    demo.add_argument("--prior", default="kidney", help="prior name or file (default: kidney)")
+    demo.add_argument("--output-dir", default="demo-output", help="where to write results (default: demo-output)")
+    demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+    commands.add_parser("priors", help="list the bundled priors")
+    return parser
+
+
+def add_reconstruction_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prior", default="kidney", metavar="NAME|PATH",
+                        help="bundled prior name or .safetensors file (default: kidney)")
+    parser.add_argument("--steps", default=None, metavar="N|auto",
+                        help="adaptation steps (default: the prior's); auto: continue until converged")
+    parser.add_argument("--slices", default="auto", metavar="auto|AXIS:STEP[:OFFSET]",
+                        help="observed planes: auto (find the drawn planes) or AXIS:STEP[:OFFSET], "
+                             "AXIS one of sagittal, coronal, axial, i, j, k; comma-separate several")
+    parser.add_argument("--label", type=int, default=None, help="label value of the structure (default: all non-zero)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    parser.add_argument("--output-spacing", type=float, default=None, metavar="MM",
+                        help="write the output on a grid this fine over the input's extent")
+    parser.add_argument("--evaluation", choices=("coarse-to-fine", "dense"), default="coarse-to-fine",
+                        help="output evaluation (default: coarse-to-fine)")
+
+
+def run_reconstruct(args) -> dict:
+    from .labelmap_io import LABELMAP_SUFFIXES, atomic_output, check_writable, read_labelmap, write_labelmap
+    from .prior import load_prior
+    from .reconstruct import reconstruct
+    from .surface import SURFACE_SUFFIXES, surface_from_labelmap, write_surface
+
+    check_writable(args.output, "output", LABELMAP_SUFFIXES)
+    if args.surface:
+        check_writable(args.surface, "surface", SURFACE_SUFFIXES)
+    if args.report:
+        check_writable(args.report, "report", (".json",))
+    if args.output_spacing is not None and args.output_spacing <= 0:
+        raise InputError("--output-spacing must be a positive number of millimetres")
+
+    started = time.perf_counter()
+    labels, geometry = read_labelmap(args.input)
+    prior = load_prior(args.prior)
+    loaded = time.perf_counter()
+    output_geometry = geometry.resampled(args.output_spacing) if args.output_spacing else None
+    result = reconstruct(labels, geometry, prior, steps=args.steps, slices=args.slices, label=args.label,
+                         device=args.device, output_geometry=output_geometry, evaluation=args.evaluation,
+                         progress=ProgressLine(not args.quiet))
+    surface_started = time.perf_counter()
+    polydata = surface_from_labelmap(result.labels, result.geometry, args.smoothing) if args.surface else None
+    surfaced = time.perf_counter()
+
+    report = result.report
+    report["input"] = os.path.abspath(args.input)
+    report["timings_s"].update(load=loaded - started, surface=surfaced - surface_started)
+    with ExitStack() as outputs:  # every file lands together, or none does
+        write_labelmap(outputs.enter_context(atomic_output(args.output)), result.labels, result.geometry,
+                       atomic=False)
+        if polydata is not None:
+            write_surface(outputs.enter_context(atomic_output(args.surface)), polydata, atomic=False)
+            report["surface"] = {"path": os.path.abspath(args.surface), "triangles": polydata.GetNumberOfCells()}
+        report["timings_s"]["total"] = time.perf_counter() - started
+        if args.report:
+            with open(outputs.enter_context(atomic_output(args.report)), "w") as handle:
+                json.dump(report, handle, indent=2)
+    return report
+
+
+def summary(report: dict) -> str:
+    planes = ", ".join(f"{p['count']} {p['axis']}" for p in report["observed_planes"])
+    t = report["timings_s"]
+    return (f"{report['prior']} prior, {report['steps']} step(s) on {report['device']}; observed planes: {planes}; "
+            f"Dice on drawn planes {report['dice_observed_planes']:.3f}; "
+            f"adapt {t['adapt']:.3f} s, evaluate {t['evaluate']:.3f} s, total {t.get('total', 0):.2f} s")
+
+
+def run_priors() -> None:
+    from .prior import bundled_prior_dirs, list_bundled_priors, load_prior
+
+    priors = list_bundled_priors()
+    if not priors:
+        print(f"no prior is bundled yet (searched: {', '.join(bundled_prior_dirs()) or 'nothing'})")
+        return
+    for name, path in priors.items():
+        card = load_prior(path).card
+        print(f"{name:14s} {card.get('anatomy', ''):14s} steps={card.get('adaptation', {}).get('steps')}  {path}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "reconstruct":
+            report = run_reconstruct(args)
+            for warning in report["warnings"]:
+                print(f"{PROGRAM}: warning: {warning}", file=sys.stderr)
+            if not args.quiet:
+                print(summary(report))
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args.prior, args.output_dir, args.device)
+        elif args.command == "priors":
+            run_priors()
+        return 0
+    except InputError as error:
+        print(f"{PROGRAM}: error: {error}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except (Cancelled, KeyboardInterrupt):
+        print(f"{PROGRAM}: cancelled", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug: say so in one line, trace only on request
+        if args.debug:
+            raise
+        print(f"{PROGRAM}: internal error: {type(error).__name__}: {error} (rerun with --debug for details)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Prior files: `NAME.safetensors` (tensors) + `NAME.json` (model card).
+
+The safetensors file holds the initial weights under `weights.<parameter>` and, for priors with
+learned inner-loop step sizes (Meta-SGD), one step size per weight under `inner_lr.<parameter>`.
+The model card holds everything else; see `docs/PRIOR_FORMAT.md`. Loading never runs code
+from the file.
+"""
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional
+
+import torch
+
+from .errors import InputError
+from .frame import FrameSpec
+from .siren import Siren
+
+FORMAT = "metashaperecon-prior"
+FORMAT_VERSION = 1
+WEIGHTS = "weights."
+INNER_LR = "inner_lr."
+PRIORS_ENV = "METASHAPERECON_PRIORS"
+
+DEFAULT_ADAPTATION = {
+    "steps": 5,
+    "context_points": 16384,
+    "weight_decay": 100.0,
+    "auto": {"optimizer": "adam", "lr": 1e-4, "patience": 10, "max_steps": 1000},
+}
+
+
+@dataclass
+class Prior:
+    """A shape prior: the network's initial weights, its inner-loop step sizes and its model card."""
+
+    model: Siren
+    params: Dict[str, torch.Tensor]
+    inner_lr: Dict[str, torch.Tensor]
+    card: dict
+    path: Optional[str] = field(default=None)
+
+    @property
+    def name(self) -> str:
+        return str(self.card.get("name", "unnamed"))
+
+    @property
+    def frame_spec(self) -> FrameSpec:
+        return FrameSpec.from_metadata(self.card["frame"])
+
+    @property
+    def adaptation(self) -> dict:
+        merged = copy.deepcopy(DEFAULT_ADAPTATION)
+        card = self.card.get("adaptation", {})
+        merged.update({k: v for k, v in card.items() if k != "auto"})
+        merged["auto"].update(card.get("auto", {}))
+        return merged
+
+    @property
+    def default_steps(self) -> int:
+        return int(self.adaptation["steps"])
+
+    def to(self, device) -> "Prior":
+        return Prior(self.model.to(device), {k: v.to(device) for k, v in self.params.items()},
+                     {k: v.to(device) for k, v in self.inner_lr.items()}, self.card, self.path)
+
+
+def initial_prior(name: str, extent_mm, omega_0: float = 30.0, hidden_features: int = 128,
+                  linear_layers: int = 7, inner_lr: float = 0.01, seed: int = 0,
+                  adaptation: Optional[Mapping] = None, **card_fields) -> Prior:
+    """A SIREN-initialised, untrained prior: the starting point of training (and of tests that
+    fit a network themselves). Never ship one of these as an anatomy prior."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = Siren(hidden_features=hidden_features, linear_layers=linear_layers, omega_0=omega_0)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    lrs = {k: torch.full_like(v, inner_lr) for k, v in params.items()}
+    extent = extent_mm if isinstance(extent_mm, (list, tuple)) else [extent_mm] * 3
+    card = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
+            "architecture": model.architecture(),
+            "frame": FrameSpec(tuple(float(e) for e in extent)).to_metadata(),
+            "adaptation": dict(copy.deepcopy(DEFAULT_ADAPTATION), **(adaptation or {}))}
+    card.update(card_fields)
+    return Prior(model, params, lrs, card)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_prior(prior: Prior, path: str) -> str:
+    """Write `path` (.safetensors, or a stem) and the model card beside it; returns the card path."""
+    from safetensors.torch import save_file
+
+    stem = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
+    tensors = {WEIGHTS + k: v.detach().float().cpu().contiguous() for k, v in prior.params.items()}
+    tensors.update({INNER_LR + k: v.detach().float().cpu().contiguous() for k, v in prior.inner_lr.items()})
+    save_file(tensors, stem + ".safetensors", metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    card = dict(prior.card)
+    card["format"], card["format_version"] = FORMAT, FORMAT_VERSION
+    card["architecture"] = prior.model.architecture()
+    card["weights_sha256"] = _sha256(stem + ".safetensors")
+    with open(stem + ".json", "w") as handle:
+        json.dump(card, handle, indent=2)
+        handle.write("\n")
+    return stem + ".json"
+
+
+def bundled_prior_dirs() -> List[str]:
+    """Where priors are looked up by name: $METASHAPERECON_PRIORS, then the bundled folders
+    (the source tree's Resources/Priors, and the module's Resources/Priors inside Slicer)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.environ.get(PRIORS_ENV, ""),
+                  os.path.join(here, "..", "..", "Resources", "Priors"),
+                  os.path.join(here, "..", "Resources", "Priors")]
+    return [os.path.normpath(c) for c in candidates if c and os.path.isdir(c)]
+
+
+def list_bundled_priors() -> Dict[str, str]:
+    """{name: safetensors path} of every prior found by name."""
+    found: Dict[str, str] = {}
+    for folder in bundled_prior_dirs():
+        for entry in sorted(os.listdir(folder)):
+            if entry.endswith(".safetensors") and os.path.isfile(os.path.join(folder, entry[:-12] + ".json")):
+                found.setdefault(entry[:-12], os.path.join(folder, entry))
+    return found
+
+
+def resolve_prior_path(name_or_path: str) -> str:
+    candidate = name_or_path
+    for suffix in (".safetensors", ".json"):
+        if candidate.endswith(suffix):
+            candidate = candidate[:-len(suffix)]
+    if os.path.isfile(candidate + ".safetensors") or os.path.sep in name_or_path or os.path.isfile(name_or_path):
+        return candidate + ".safetensors"
+    available = list_bundled_priors()
+    if name_or_path in available:
+        return available[name_or_path]
+    if not available:
+        raise InputError(f"prior {name_or_path!r} not found: no prior is bundled yet; pass a prior file "
+                         "with --prior PATH.safetensors (train one with `python -m training`)")
+    raise InputError(f"prior {name_or_path!r} not found; bundled priors: {', '.join(sorted(available))}")
+
+
+def _check_card(card: dict, where: str) -> Siren:
+    if card.get("format") != FORMAT:
+        raise InputError(f"{where}: not a MetaShapeRecon model card (format {card.get('format')!r})")
+    if card.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{where}: prior format version {card.get('format_version')!r} is not supported "
+                         f"(this version reads {FORMAT_VERSION})")
+    try:
+        architecture = card["architecture"]
+        if architecture.get("type") != "siren":
+            raise ValueError(f"architecture {architecture.get('type')!r}")
+        model = Siren.from_architecture(architecture)
+        FrameSpec.from_metadata(card["frame"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise InputError(f"{where}: incompatible model card ({error})") from None
+    return model
+
+
+def load_prior(name_or_path: str = "kidney", device="cpu") -> Prior:
+    """Load and validate a prior by bundled name or file path."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tensor_path = resolve_prior_path(name_or_path)
+    card_path = tensor_path[:-len(".safetensors")] + ".json"
+    for path in (tensor_path, card_path):
+        if not os.path.isfile(path):
+            raise InputError(f"prior file not found: {path}")
+    try:
+        with open(card_path) as handle:
+            card = json.load(handle)
+        if not isinstance(card, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"prior model card {card_path} is not valid JSON ({error})") from None
+    model = _check_card(card, card_path)
+    expected_hash = card.get("weights_sha256")
+    if expected_hash and expected_hash != _sha256(tensor_path):
+        raise InputError(f"prior {tensor_path} is corrupt: its checksum does not match the model card")
+    try:
+        tensors = load_file(tensor_path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise InputError(f"prior {tensor_path} is corrupt or not a safetensors file ({error})") from None
+
+    expected = {k: tuple(v.shape) for k, v in model.named_parameters()}
+    params, lrs = {}, {}
+    for name, shape in expected.items():
+        weight = tensors.get(WEIGHTS + name)
+        if weight is None or tuple(weight.shape) != shape:
+            found = None if weight is None else tuple(weight.shape)
+            raise InputError(f"prior {tensor_path} does not match its architecture: {WEIGHTS}{name} "
+                             f"has shape {found}, expected {shape}")
+        params[name] = weight.float()
+        lr = tensors.get(INNER_LR + name)
+        if lr is None:
+            lr = torch.full(shape, float(card.get("adaptation", {}).get("inner_lr", 0.01)))
+        elif tuple(lr.shape) != shape:
+            raise InputError(f"prior {tensor_path}: {INNER_LR}{name} has shape {tuple(lr.shape)}, expected {shape}")
+        lrs[name] = lr.float()
+    unexpected = set(tensors) - {WEIGHTS + k for k in expected} - {INNER_LR + k for k in expected}
+    if unexpected:
+        raise InputError(f"prior {tensor_path} has unexpected tensors: {', '.join(sorted(unexpected))}")
+    if not all(torch.isfinite(t).all() for t in list(params.values()) + list(lrs.values())):
+        raise InputError(f"prior {tensor_path} holds non-finite values")
+    model.load_state_dict(params)
+    model.requires_grad_(False)
+    return Prior(model, params, lrs, card, tensor_path).to(device)

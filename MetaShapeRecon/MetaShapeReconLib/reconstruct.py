@@ -1,0 +1,245 @@
+"""Sparse labelmap in, complete shape out: the one reconstruction pipeline that the CLI, the
+Slicer module and the benchmarks share.
+
+1. the structure's mask and its observed planes (given, or found in the drawing);
+2. the case placed in the prior's canonical frame, centred on the observed foreground;
+3. the prior adapted to the observed voxels (whole planes: foreground and background);
+4. the adapted network evaluated on the output grid, coarse-to-fine;
+5. on the observed planes, the output keeps what the user drew.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from .adaptation import (Progress, adapt, adapt_until_converged, report, sample_points, to_tensors)
+from .errors import InputError
+from .frame import CanonicalFrame, centre_frame, fits_in_frame, observed_foreground_points
+from .geometry import Geometry
+from .occupancy import OccupancyNetwork, evaluate_grid
+from .planes import ObservedPlanes, describe_planes, observed_mask, select_planes
+from .prior import Prior
+
+
+@dataclass
+class Reconstruction:
+    labels: np.ndarray  # uint8 0/1, indexed (i, j, k) on `geometry`
+    geometry: Geometry
+    report: dict = field(default_factory=dict)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    device = (device or "auto").lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: CUDA is not available here (no NVIDIA GPU, or a CPU-only "
+                             "PyTorch); use --device cpu or auto")
+        try:
+            resolved = torch.device(device)
+        except RuntimeError:
+            raise InputError(f"--device {device}: not a device name (use auto, cpu, cuda or cuda:N)") from None
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return resolved
+    raise InputError(f"--device {device}: expected auto, cpu or cuda")
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        return f"cuda ({properties.name}, {properties.total_memory / 2**30:.0f} GiB)"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def structure_mask(labels: np.ndarray, label: Optional[int] = None) -> np.ndarray:
+    """The structure as a boolean mask: voxels equal to `label`, or every non-zero voxel."""
+    if label is None:
+        mask = labels != 0
+    else:
+        mask = labels == label
+        if not mask.any():
+            present = np.unique(labels)
+            present = present[present != 0][:20]
+            raise InputError(f"label {label} is absent from the labelmap (labels present: "
+                             f"{', '.join(str(int(v)) for v in present) or 'none'})")
+    if not mask.any():
+        raise InputError("the labelmap is empty: no foreground voxel to reconstruct from")
+    if mask.all():
+        raise InputError("the mask fills the whole grid: with no background there is no boundary to learn")
+    return mask
+
+
+def observed_context(mask: np.ndarray, geometry: Geometry, planes: ObservedPlanes, frame: CanonicalFrame):
+    """Canonical coordinates and labels of the observed voxels inside the prior's frame."""
+    box = frame.index_box(geometry)
+    observed = observed_mask(geometry.size, planes, box)
+    ijk = np.argwhere(observed)
+    ijk += np.array([b.start for b in box])
+    matrix, offset = frame.index_affine(geometry)
+    coords = (ijk @ matrix.T + offset).astype(np.float32)
+    inside = np.all(np.abs(coords) <= 1.0, axis=1)
+    target = mask[tuple(ijk[inside].T)].astype(np.float32)
+    return coords[inside], target
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def _keep_drawn(output: np.ndarray, mask: np.ndarray, planes: ObservedPlanes) -> None:
+    for axis, indices in planes.items():
+        index = [slice(None)] * 3
+        index[axis] = indices
+        output[tuple(index)] = mask[tuple(index)]
+
+
+def _drawn_dice(prediction: np.ndarray, mask: np.ndarray, planes: ObservedPlanes) -> float:
+    """Dice on the observed voxels; only the box where either is foreground matters."""
+    either = [np.nonzero(prediction.any(axis=others) | mask.any(axis=others))[0]
+              for others in ((1, 2), (0, 2), (0, 1))]
+    box = tuple(slice(int(e[0]), int(e[-1]) + 1) for e in either)
+    observed = observed_mask(mask.shape, planes, box)
+    return dice(prediction[box][observed], mask[box][observed])
+
+
+def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Union[int, str, None] = None,
+                slices: str = "auto", label: Optional[int] = None, device: str = "auto",
+                output_geometry: Optional[Geometry] = None, evaluation: str = "coarse-to-fine",
+                progress: Optional[Progress] = None, seed: int = 0) -> Reconstruction:
+    """Reconstruct the complete structure from a sparse labelmap.
+
+    labels: integer array indexed (i, j, k) on `geometry`; steps: an int, "auto" (the prior's
+    steps, then Adam until the context loss stops improving) or None (the prior's default);
+    progress(step, total, loss) -> bool is called through adaptation and evaluation and may
+    cancel by returning False. Raises InputError on unusable input, Cancelled on cancel."""
+    started = time.perf_counter()
+    adaptation = prior.adaptation
+    auto_steps = isinstance(steps, str) and steps.lower() == "auto"
+    if steps is None or auto_steps:
+        fixed_steps = prior.default_steps
+    else:
+        try:
+            fixed_steps = int(steps)
+        except ValueError:
+            raise InputError(f"--steps {steps!r}: expected a number of steps or auto") from None
+        if fixed_steps < 0:
+            raise InputError("--steps must be 0 or more")
+    if labels.ndim != 3 or tuple(labels.shape) != geometry.size:
+        raise InputError(f"labelmap array {labels.shape} does not match its geometry {geometry.size}")
+    output_geometry = output_geometry or geometry
+    torch_device = resolve_device(device)
+
+    mask = structure_mask(labels, label)
+    planes = select_planes(slices, mask, geometry)
+    frame = centre_frame(prior.frame_spec, geometry, mask, planes)
+    coords, target = observed_context(mask, geometry, planes, frame)
+    if len(coords) == 0:
+        raise InputError("no observed voxel lies inside the prior's frame")
+    chosen = sample_points(len(coords), int(adaptation["context_points"]), seed)
+    warnings = []
+    if not fits_in_frame(frame, observed_foreground_points(mask, planes, geometry)):
+        warnings.append(f"the drawn structure is larger than the prior's {prior.frame_spec.extent_mm} mm frame; "
+                        "parts outside it are not reconstructed")
+
+    attempts = [torch_device]
+    if device in (None, "auto") and torch_device.type == "cuda":
+        attempts.append(torch.device("cpu"))  # graceful fallback when the GPU is too small
+    for attempt in attempts:
+        try:
+            result = _adapt_and_evaluate(prior, attempt, coords[chosen], target[chosen], fixed_steps, auto_steps,
+                                         frame, output_geometry, evaluation, progress)
+            torch_device = attempt
+            break
+        except torch.OutOfMemoryError:
+            if attempt.type == "cuda":
+                torch.cuda.empty_cache()
+            if attempt is attempts[-1]:
+                raise InputError(f"out of memory on {attempt}: try --device cpu or a coarser --output-spacing") from None
+            warnings.append("the GPU ran out of memory; reconstructed on the CPU instead")
+    output, losses, network, timings, steps_taken = result
+
+    same_grid = output_geometry.same_grid(geometry)
+    if same_grid:
+        drawn_dice = _drawn_dice(output, mask, planes)
+        _keep_drawn(output, mask, planes)  # the user's drawing is the truth on the observed planes
+    else:
+        drawn_dice = dice(network.probabilities(coords[chosen]) >= 0.5, target[chosen])
+    if not output.any():
+        warnings.append("the reconstruction is empty")
+
+    voxel_ml = float(np.prod(output_geometry.spacing)) / 1000.0
+    record = {
+        "prior": prior.name,
+        "prior_path": prior.path,
+        "steps": steps_taken,
+        "steps_mode": "auto" if auto_steps else "fixed",
+        "device": device_description(torch_device),
+        "observed_planes": describe_planes(planes, geometry),
+        "context_points": {"observed": int(len(coords)), "used": int(len(chosen))},
+        "frame": {"centre_lps_mm": list(frame.centre), "extent_mm": list(prior.frame_spec.extent_mm)},
+        "loss": losses,
+        "dice_observed_planes": drawn_dice,
+        "evaluation": {"method": evaluation, "network_evaluations": network.evaluated},
+        "output": dict(output_geometry.to_dict(), foreground_voxels=int(output.sum()),
+                       volume_ml=float(output.sum()) * voxel_ml, keeps_drawn_planes=same_grid),
+        "warnings": warnings,
+        "timings_s": dict(timings, reconstruct=time.perf_counter() - started),
+    }
+    return Reconstruction(output, output_geometry, record)
+
+
+def _adapt_and_evaluate(prior: Prior, device: torch.device, coords: np.ndarray, target: np.ndarray,
+                        fixed_steps: int, auto_steps: bool, frame: CanonicalFrame, output_geometry: Geometry,
+                        evaluation: str, progress: Optional[Progress]):
+    adaptation = prior.adaptation
+    auto = adaptation["auto"]
+    blocks = _block_count(frame, output_geometry)
+    adapt_total = fixed_steps + (int(auto["max_steps"]) if auto_steps else 0)
+    total = adapt_total + blocks
+
+    def adapt_progress(step, _total, loss):
+        return progress is None or progress(step, total, loss)
+
+    started = time.perf_counter()
+    prior = prior.to(device)
+    coords_t, target_t = to_tensors(coords, target, device)
+    weight_decay = float(adaptation["weight_decay"])
+    params, losses = adapt(prior.model, prior.params, prior.inner_lr, coords_t, target_t, fixed_steps,
+                           weight_decay, adapt_progress)
+    steps_taken = fixed_steps
+    if auto_steps:
+        params, more = adapt_until_converged(prior.model, params, coords_t, target_t, weight_decay,
+                                             float(auto["lr"]), int(auto["patience"]), int(auto["max_steps"]),
+                                             adapt_progress, step_offset=fixed_steps)
+        losses += more
+        steps_taken += len(more)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    adapted = time.perf_counter()
+
+    network = OccupancyNetwork(params, prior.model.omega_0, device)
+
+    def evaluate_progress(step, _total, loss):
+        return progress is None or progress(adapt_total + step, total, None)
+
+    output = evaluate_grid(network, frame, output_geometry, method=evaluation, progress=evaluate_progress)
+    report(progress, total, total)
+    timings = {"adapt": adapted - started, "evaluate": time.perf_counter() - adapted}
+    return output, losses, network, timings, steps_taken
+
+
+def _block_count(frame: CanonicalFrame, geometry: Geometry, block: int = 128) -> int:
+    box = frame.index_box(geometry)
+    count = 1
+    for b in box:
+        count *= max(1, -(-(b.stop - b.start) // block))
+    return count
