@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine (Python >= 3.9 with venv):
+#   make demo   reconstruct the bundled sample with the default prior
+#   make test   run the test suite
+# Both create .venv and install the project into it on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= $(abspath ../shared/data)
+# the CPU build of PyTorch; any other spec pulls the CUDA build (gigabytes)
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test bench install lint
+
+$(BIN)/metashaperecon: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test,train]"
+	touch $@
+
+install: $(BIN)/metashaperecon
+
+demo: install
+	$(BIN)/metashaperecon demo
+
+test: install
+	METASHAPERECON_DATA="$(DATA)" $(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python -m MetaShapeReconLib.bench
+
+lint: install
+	$(BIN)/ruff check MetaShapeRecon training Testing
