@@ -77,16 +77,40 @@ def structure_mask(labels: np.ndarray, label: Optional[int] = None) -> np.ndarra
 
 
 def observed_context(mask: np.ndarray, geometry: Geometry, planes: ObservedPlanes, frame: CanonicalFrame):
-    """Canonical coordinates and labels of the observed voxels inside the prior's frame."""
+    """Canonical coordinates (float32, N x 3) and labels (N) of the observed voxels inside the
+    prior's frame; a voxel where planes of two orientations cross is counted once."""
     box = frame.index_box(geometry)
-    observed = observed_mask(geometry.size, planes, box)
-    ijk = np.argwhere(observed)
-    ijk += np.array([b.start for b in box])
     matrix, offset = frame.index_affine(geometry)
-    coords = (ijk @ matrix.T + offset).astype(np.float32)
-    inside = np.all(np.abs(coords) <= 1.0, axis=1)
-    target = mask[tuple(ijk[inside].T)].astype(np.float32)
-    return coords[inside], target
+    matrix, offset = matrix.astype(np.float32), offset.astype(np.float32)
+    coords, labels = [], []
+    done = {}  # planes of orientations already collected
+    for axis in sorted(planes):
+        u, v = [a for a in range(3) if a != axis]
+        iu = np.arange(box[u].start, box[u].stop)
+        iv = np.arange(box[v].start, box[v].stop)
+        if len(iu) == 0 or len(iv) == 0:
+            continue
+        # canonical = A[:, axis] * t + A[:, u] * iu + A[:, v] * iv + b, built by broadcasting
+        in_plane = (iu[:, None, None] * matrix[:, u] + iv[None, :, None] * matrix[:, v] + offset).astype(np.float32)
+        fresh = np.ones((len(iu), len(iv)), dtype=bool)
+        if u in done:
+            fresh[np.isin(iu, done[u]), :] = False
+        if v in done:
+            fresh[:, np.isin(iv, done[v])] = False
+        for t in planes[axis]:
+            if not box[axis].start <= t < box[axis].stop:
+                continue
+            points = in_plane + np.float32(t) * matrix[:, axis]
+            keep = fresh & np.all(np.abs(points) <= 1.0, axis=-1)
+            index = [slice(None)] * 3
+            index[axis] = int(t)
+            index[u], index[v] = box[u], box[v]
+            coords.append(points[keep])
+            labels.append(mask[tuple(index)][keep])
+        done[axis] = planes[axis]
+    if not coords:
+        return np.zeros((0, 3), np.float32), np.zeros(0, np.float32)
+    return np.concatenate(coords), np.concatenate(labels).astype(np.float32)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,0 +1,84 @@
+"""`python -m training <command>`: prepare, train, evaluate, export.
+
+Each command reads a YAML config (defaults: training/config.py) and `--set key.path=value`
+overrides, e.g.
+
+    python -m training prepare --config training/configs/kidney.yaml
+    python -m training train   --config training/configs/kidney.yaml --method maml --out runs/kidney
+    python -m training evaluate --config training/configs/kidney.yaml --prior runs/kidney/best.safetensors
+    python -m training export  --config training/configs/kidney.yaml --prior runs/kidney/best.safetensors \
+        --name kidney --results runs/kidney/evaluation
+"""
+
+import argparse
+import json
+import sys
+
+from .config import load_config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, help_text):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--config", help="YAML config (defaults in training/config.py)")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config value, e.g. maml.iterations=100 (repeatable)")
+        return sub
+
+    prepare = command("prepare", "cache canonical crops and write split files")
+    prepare.add_argument("--workers", type=int, default=2)
+
+    train = command("train", "train a prior (maml), or a baseline (pretrain, autodecoder)")
+    train.add_argument("--method", choices=("maml", "pretrain", "autodecoder"), default="maml")
+    train.add_argument("--out", required=True, help="run folder: checkpoints and logs")
+    train.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+
+    evaluate = command("evaluate", "the paper's protocol on the test split: tables and plots")
+    evaluate.add_argument("--prior", help="meta-learned prior (.safetensors)")
+    evaluate.add_argument("--pretrain", help="B.(ii) network (.safetensors)")
+    evaluate.add_argument("--autodecoder", help="B.(i) model (.safetensors)")
+    evaluate.add_argument("--transfer", action="append", default=[], metavar="NAME=CONFIG",
+                          help="also evaluate the prior on another anatomy's test split")
+    evaluate.add_argument("--out", required=True, help="folder for tables (markdown, CSV) and plots")
+
+    export = command("export", "write NAME.safetensors + NAME.json for the engine and Slicer")
+    export.add_argument("--prior", required=True, help="trained prior (.safetensors)")
+    export.add_argument("--name", required=True)
+    export.add_argument("--results", help="evaluation folder whose tables go into the model card")
+    export.add_argument("--out", default="Resources/Priors")
+
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    if int(config.get("threads") or 0) > 0:
+        import torch
+
+        torch.set_num_threads(int(config["threads"]))
+    if args.command == "prepare":
+        from .prepare import prepare
+
+        print(json.dumps(prepare(config, workers=args.workers), indent=1))
+    elif args.command == "train":
+        if args.method == "maml":
+            from .maml import train_maml as train_method
+        elif args.method == "pretrain":
+            from .pretrain import train_pretrain as train_method
+        else:
+            from .autodecoder import train_autodecoder as train_method
+        print(train_method(config, args.out, resume=args.resume))
+    elif args.command == "evaluate":
+        from .evaluate import run_evaluation
+
+        run_evaluation(config, args)
+    elif args.command == "export":
+        from .export import export_prior
+
+        print(export_prior(config, args.prior, args.name, args.results, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

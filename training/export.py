@@ -1,0 +1,49 @@
+"""`export`: a trained prior -> `NAME.safetensors` + `NAME.json` for the engine and Slicer.
+
+The model card gathers what a user of the prior needs to know: architecture, frame, inner-loop
+settings, what it was trained on (with licence and attribution), its split, its training cost and
+its measured results.
+"""
+
+import json
+import os
+from typing import Optional
+
+from MetaShapeReconLib.prior import load_prior, save_prior
+
+from .data import load_split
+
+
+def export_prior(config: dict, prior_path: str, name: str, results_dir: Optional[str] = None,
+                 out_dir: str = "Resources/Priors") -> str:
+    prior = load_prior(prior_path)
+    card = prior.card
+    card["name"] = name
+    card["anatomy"] = config.get("anatomy") or card.get("anatomy", "")
+    card["description"] = config.get("description", card.get("description", ""))
+    card["adaptation"].update(steps=int(config["adaptation"]["steps"]),
+                              context_points=int(config["adaptation"]["context_points"]))
+    card["license"] = config.get("license", card.get("license", ""))
+    card["attribution"] = config.get("attribution", card.get("attribution", ""))
+    try:
+        split = load_split(config)
+        split_file = config["data"].get("split_file") or "split.json"
+        card["training_data"] = {
+            "dataset": config.get("dataset_name", config["data"]["layout"]),
+            "layout": config["data"]["layout"], "labels": config["data"].get("labels"),
+            "split_file": split_file, "cases": {k: len(split[k]) for k in ("train", "val", "test")},
+            "canonical_spacing_mm": config["data"]["spacing_mm"], "mirroring": bool(config["tasks"].get("mirror")),
+        }
+    except SystemExit:
+        pass
+    card["meta_training"] = {k: config["maml"][k] for k in ("inner_steps", "inner_lr", "learn_inner_lr",
+                                                            "multi_step_loss", "outer_lr", "meta_batch")}
+    card["meta_training"].update(context_points=config["tasks"]["context_points"],
+                                 target_points=config["tasks"]["target_points"], planes=config["tasks"]["planes"])
+    if results_dir:
+        summary = os.path.join(results_dir, "summary.json")
+        if os.path.isfile(summary):
+            with open(summary) as handle:
+                card["results"] = json.load(handle)
+    os.makedirs(out_dir, exist_ok=True)
+    return save_prior(prior, os.path.join(out_dir, name))

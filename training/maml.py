@@ -1,0 +1,197 @@
+"""Meta-learning a prior with MAML (Meta-SGD step sizes, second order, multi-step loss).
+
+The inner loop is the engine's `inner_step`, vmapped over the tasks of a meta-batch; the outer
+loop differentiates through it. Checkpoints are prior files plus the optimiser state, both
+safetensors, so `--resume` continues where a run stopped.
+"""
+
+import os
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from MetaShapeReconLib.adaptation import inner_step
+from MetaShapeReconLib.prior import Prior, initial_prior, load_prior, save_prior
+from MetaShapeReconLib.siren import logits, reconstruction_loss
+
+from .data import Shape, TaskSampler, load_shapes, load_split
+from .logs import CsvLog
+from .progress import progress_bar
+from .validate import validate
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def new_prior(config: dict) -> Prior:
+    model = config["model"]
+    return initial_prior(config["name"], config["frame"]["extent_mm"], omega_0=model["omega_0"],
+                         hidden_features=model["hidden_features"], linear_layers=model["linear_layers"],
+                         inner_lr=config["maml"]["inner_lr"], seed=config["seed"],
+                         adaptation=dict(config["adaptation"], weight_decay=config["loss"]["weight_decay"]),
+                         anatomy=config.get("anatomy", ""))
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, path: str, extra: Dict[str, float]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"{index}.{key}"] = torch.as_tensor(value).detach().float().cpu().reshape(-1) \
+                if key == "step" else value.detach().cpu().contiguous()
+    save_file(tensors, path + ".tmp", metadata={k: str(v) for k, v in extra.items()})
+    os.replace(path + ".tmp", path)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: str) -> Dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    state = optimizer.state_dict()
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        entry = state["state"].setdefault(int(index), {})
+        entry[name] = value.reshape(()) if name == "step" else value
+    optimizer.load_state_dict(state)
+    return metadata
+
+
+class MetaLearner:
+    """Holds theta_0, the step sizes and the outer optimiser."""
+
+    def __init__(self, prior: Prior, config: dict, device: torch.device):
+        self.config = config
+        maml = config["maml"]
+        self.device = device
+        self.model = prior.model.to(device)
+        self.card = prior.card
+        self.params = {k: v.detach().clone().to(device).requires_grad_(True) for k, v in prior.params.items()}
+        self.inner_lr = {k: v.detach().clone().to(device).requires_grad_(bool(maml["learn_inner_lr"]))
+                         for k, v in prior.inner_lr.items()}
+        trainable = list(self.params.values())
+        if maml["learn_inner_lr"]:
+            trainable += list(self.inner_lr.values())
+        self.optimizer = torch.optim.Adam(trainable, lr=float(maml["outer_lr"]))
+        self.weight_decay = float(config["loss"]["weight_decay"])
+
+    def prior(self) -> Prior:
+        return Prior(self.model, {k: v.detach().clone() for k, v in self.params.items()},
+                     {k: v.detach().clone() for k, v in self.inner_lr.items()}, self.card)
+
+    def outer_step(self, batch: Dict[str, np.ndarray], first_order: bool) -> Dict[str, float]:
+        maml = self.config["maml"]
+        steps = int(maml["inner_steps"])
+        multi_step = bool(maml["multi_step_loss"])
+        tensors = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
+        model, weight_decay = self.model, self.weight_decay
+
+        def task_loss(context_x, context_y, target_x, target_y):
+            params = self.params
+            step_losses = []
+            for step in range(steps):
+                params, _ = inner_step(model, params, self.inner_lr, context_x, context_y, weight_decay, first_order)
+                if multi_step or step == steps - 1:
+                    step_losses.append(reconstruction_loss(logits(model, params, target_x), target_y, params,
+                                                           weight_decay))
+            return torch.stack(step_losses)
+
+        losses = torch.vmap(task_loss)(tensors["context_x"], tensors["context_y"],
+                                       tensors["target_x"], tensors["target_y"])  # (tasks, steps)
+        objective = losses.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        if maml.get("grad_clip"):
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           float(maml["grad_clip"]))
+        self.optimizer.step()
+        per_step = losses.detach().mean(dim=0).cpu().numpy()
+        return {"loss": float(objective), "loss_first_step": float(per_step[0]), "loss_last_step": float(per_step[-1])}
+
+
+def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optional[List[Shape]] = None,
+               val_shapes: Optional[List[Shape]] = None) -> str:
+    """Meta-train; returns the path of the best prior (by validation Dice after one step)."""
+    os.makedirs(out_dir, exist_ok=True)
+    maml = config["maml"]
+    device = resolve_device(config["device"])
+    torch.manual_seed(int(config["seed"]))
+    if shapes is None:
+        split = load_split(config)
+        boundary = float(config["tasks"]["boundary_mm"])
+        shapes = load_shapes(config["data"]["cache"], split["train"], boundary)
+        val_shapes = load_shapes(config["data"]["cache"], split["val"], boundary,
+                                 limit=int(config["validation"]["cases"]))
+    if not shapes:
+        raise SystemExit("no training shapes: check the cache and the split")
+
+    checkpoint = os.path.join(out_dir, "checkpoint")
+    start = 0
+    if resume and os.path.isfile(checkpoint + ".safetensors"):
+        learner = MetaLearner(load_prior(checkpoint + ".safetensors"), config, device)
+        state = load_optimizer(learner.optimizer, checkpoint + ".optimizer.safetensors")
+        start = int(state.get("iteration", 0))
+        best_dice = float(state.get("best_dice", -1))
+        elapsed = float(state.get("seconds", 0))
+    else:
+        learner = MetaLearner(new_prior(config), config, device)
+        best_dice, elapsed = -1.0, 0.0
+    learner.card.setdefault("training", {})
+
+    rng = np.random.default_rng(int(config["seed"]) + start)
+    sampler = TaskSampler(config, seed=int(config["seed"]) + start)
+    log = CsvLog(os.path.join(out_dir, "log.csv"), ["iteration", "loss", "loss_first_step", "loss_last_step",
+                                                     "seconds", "first_order"])
+    val_log = CsvLog(os.path.join(out_dir, "validation.csv"), ["iteration", "setting", "steps", "dice", "seconds"])
+    iterations = int(maml["iterations"])
+    bar = progress_bar(total=iterations, initial=start, desc="maml", unit="it")
+    started = time.perf_counter() - elapsed
+
+    def save(iteration: int) -> None:
+        prior = learner.prior()
+        prior.card["training"].update(method="maml", iterations=iteration, seconds=time.perf_counter() - started,
+                                      device=str(device))
+        save_prior(prior, checkpoint + ".safetensors")
+        save_optimizer(learner.optimizer, checkpoint + ".optimizer.safetensors",
+                       {"iteration": iteration, "best_dice": best_dice, "seconds": time.perf_counter() - started})
+
+    for iteration in range(start, iterations):
+        chosen = [shapes[i] for i in rng.choice(len(shapes), size=int(maml["meta_batch"]), replace=len(shapes) < int(maml["meta_batch"]))]
+        first_order = iteration < int(maml["first_order_iterations"])
+        values = learner.outer_step(sampler.batch(chosen), first_order)
+        log.write(iteration=iteration + 1, seconds=time.perf_counter() - started, first_order=int(first_order), **values)
+        bar.set_postfix(loss=f"{values['loss']:.3f}", first=f"{values['loss_first_step']:.3f}")
+        bar.update(1)
+        done = iteration + 1
+        every = int(config["validation"]["every"])
+        if val_shapes and every and (done % every == 0 or done == iterations):
+            results = validate(learner.prior(), val_shapes, config["validation"]["slices"],
+                               [1, int(config["adaptation"]["steps"])], seed=int(config["seed"]))
+            for row in results:
+                val_log.write(iteration=done, seconds=time.perf_counter() - started, **row)
+            one_step = np.mean([r["dice"] for r in results if r["steps"] == 1])
+            bar.write(f"iteration {done}: validation Dice " + ", ".join(
+                f"{r['steps']} step(s) {r['dice']:.3f}" for r in _mean_by_steps(results)))
+            if one_step > best_dice:
+                best_dice = float(one_step)
+                best = learner.prior()
+                best.card["training"].update(method="maml", iterations=done, seconds=time.perf_counter() - started,
+                                             device=str(device), validation_dice_1_step=best_dice)
+                save_prior(best, os.path.join(out_dir, "best.safetensors"))
+        if done % int(config["checkpoint"]["every"]) == 0 or done == iterations:
+            save(done)
+    bar.close()
+    best_path = os.path.join(out_dir, "best.safetensors")
+    return best_path if os.path.isfile(best_path) else checkpoint + ".safetensors"
+
+
+def _mean_by_steps(results: List[dict]) -> List[dict]:
+    steps = sorted({r["steps"] for r in results})
+    return [{"steps": s, "dice": float(np.mean([r["dice"] for r in results if r["steps"] == s]))} for s in steps]

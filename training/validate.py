@@ -1,0 +1,37 @@
+"""Validation Dice of a prior, through the engine's own reconstruction pipeline."""
+
+from typing import List, Sequence
+
+import numpy as np
+
+from MetaShapeReconLib.planes import parse_slices, planes_from_rules
+from MetaShapeReconLib.reconstruct import dice, reconstruct
+
+
+def sparse_input(mask: np.ndarray, planes) -> np.ndarray:
+    """The labelmap a user would have drawn: the structure on the observed planes only."""
+    sparse = np.zeros(mask.shape, dtype=np.uint8)
+    for axis, indices in planes.items():
+        index = [slice(None)] * 3
+        index[axis] = indices
+        sparse[tuple(index)] = mask[tuple(index)]
+    return sparse
+
+
+def validate(prior, shapes, slices: str, steps: Sequence[int], seed: int = 0) -> List[dict]:
+    """Dice against the whole shape after each number of steps, planes `slices` (AXIS:STEP) at a
+    seeded offset per shape."""
+    rng = np.random.default_rng(seed)
+    (axis, step, _), = parse_slices(slices if slices.count(":") == 2 else slices + ":0")
+    rows = []
+    for shape in shapes:
+        rule = f"{axis}:{step}:{int(rng.integers(step))}"
+        planes = planes_from_rules(parse_slices(rule), shape.geometry)
+        sparse = sparse_input(shape.mask, planes)
+        if not sparse.any():
+            continue
+        for count in steps:
+            result = reconstruct(sparse, shape.geometry, prior, steps=count, slices=rule, device=str(
+                next(iter(prior.params.values())).device.type))
+            rows.append({"setting": rule, "steps": count, "dice": dice(result.labels, shape.mask)})
+    return rows
