@@ -90,7 +90,7 @@ def add_reconstruction_options(parser: argparse.ArgumentParser) -> None:
 def run_reconstruct(args) -> dict:
     from .labelmap_io import LABELMAP_SUFFIXES, atomic_output, check_writable, read_labelmap, write_labelmap
     from .prior import load_prior
-    from .reconstruct import reconstruct
+    from .reconstruct import reconstruct, resolve_device
     from .surface import SURFACE_SUFFIXES, surface_from_labelmap, write_surface
 
     check_writable(args.output, "output", LABELMAP_SUFFIXES)
@@ -102,8 +102,9 @@ def run_reconstruct(args) -> dict:
         raise InputError("--output-spacing must be a positive number of millimetres")
 
     started = time.perf_counter()
+    resolve_device(args.device)  # fail before any work when the device is not there
+    prior = load_prior(args.prior)  # first: says so when no prior is available at all
     labels, geometry = read_labelmap(args.input)
-    prior = load_prior(args.prior)
     loaded = time.perf_counter()
     output_geometry = geometry.resampled(args.output_spacing) if args.output_spacing else None
     result = reconstruct(labels, geometry, prior, steps=args.steps, slices=args.slices, label=args.label,

@@ -29,7 +29,7 @@ class FrameSpec:
     def from_metadata(frame: Mapping) -> "FrameSpec":
         extent = frame["extent_mm"]
         extent = tuple(float(e) for e in (extent if isinstance(extent, (list, tuple)) else [extent] * 3))
-        if len(extent) != 3 or min(extent) <= 0:
+        if len(extent) != 3 or not all(0 < e < float("inf") for e in extent):
             raise ValueError(f"frame extent_mm must be three positive numbers, got {frame['extent_mm']}")
         centre = frame.get("centre", CENTRE_OBSERVED_BOX)
         if centre != CENTRE_OBSERVED_BOX:

@@ -1,10 +1,11 @@
 """Reading and writing labelmaps with SimpleITK, keeping their geometry.
 
-Writes go to a temporary file next to the destination and are renamed into place, so a
+Writes go to a temporary folder next to the destination and are renamed into place, so a
 failure never leaves a half-written output behind.
 """
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from typing import Iterator, Tuple
@@ -83,20 +84,24 @@ def check_writable(path: str, kind: str, suffixes: Tuple[str, ...]) -> None:
 
 @contextmanager
 def atomic_output(path: str) -> Iterator[str]:
-    """Yield a temporary path with the same suffix; move it to `path` only on success."""
+    """Yield a temporary path with `path`'s name, in a hidden folder beside it; on success move
+    what was written there into place (a header and its data file, for .mhd and .nhdr, the data
+    first), on failure remove it all."""
     folder = os.path.dirname(os.path.abspath(path))
-    suffix = _suffix(path)
-    handle, temporary = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=folder)
-    os.close(handle)
+    name = os.path.basename(path)
+    temporary_folder = tempfile.mkdtemp(prefix=".partial-", dir=folder)
+    temporary = os.path.join(temporary_folder, name)
     try:
         yield temporary
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; outputs get the usual mode
-        os.replace(temporary, path)
+        written = sorted(os.listdir(temporary_folder), key=lambda f: f == name)  # `name` last
+        for entry in written:
+            # mkdtemp makes the folder private; outputs get the mode a plain open() would give
+            os.chmod(os.path.join(temporary_folder, entry), 0o666 & ~umask)
+            os.replace(os.path.join(temporary_folder, entry), os.path.join(folder, entry))
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        shutil.rmtree(temporary_folder, ignore_errors=True)
 
 
 def write_labelmap(path: str, labels: np.ndarray, geometry: Geometry, atomic: bool = True) -> None:

@@ -4,11 +4,17 @@ Only the voxels inside the prior's canonical cube are evaluated (the rest is bac
 blocks of at most `block` voxels per axis and chunks of `chunk` points, so memory does not grow
 with the grid. Coarse-to-fine evaluation (Occupancy Networks' MISE) evaluates a lattice every
 `coarse_step` voxels and refines only the cells whose corners disagree about the 0.5 threshold,
-so its cost grows with the surface, not the volume. Dense evaluation is kept as the reference.
+so its cost grows with the surface, not the volume. Dense evaluation is kept as the reference;
+both compute a voxel's coordinates and probability the same way, so where coarse-to-fine
+evaluates a voxel it gets exactly the dense value.
+
+Speed notes (2-core CPU, profiled): the network's matrix products and sines are almost all of the
+time. On the CPU they run 2-3x faster in chunks of a few thousand points, whose activations
+(chunk x 128 floats per layer) stay in the core's cache, than in chunks of 65k points.
 """
 
 import math
-from typing import Mapping, Optional, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,6 +24,8 @@ from .frame import CanonicalFrame
 from .geometry import Geometry
 
 THRESHOLD = 0.5
+CPU_CHUNK = 4096  # points per forward pass on the CPU: activations stay in the L2 cache
+DEVICE_CHUNK = 1 << 16  # on a GPU larger chunks amortise kernel launches
 
 
 class OccupancyNetwork:
@@ -27,7 +35,7 @@ class OccupancyNetwork:
     one in-place sine. Points outside [-1, 1]^3 are background and never evaluated."""
 
     def __init__(self, params: Mapping[str, torch.Tensor], omega_0: float, device="cpu",
-                 chunk: int = 1 << 16):
+                 chunk: Optional[int] = None):
         names = sorted({k.rsplit(".", 1)[0] for k in params}, key=lambda n: int(n.split(".")[-1]))
         self.layers = []
         for index, name in enumerate(names):
@@ -35,8 +43,10 @@ class OccupancyNetwork:
             weight = (params[name + ".weight"].detach() * scale).to(device, torch.float32)
             bias = (params[name + ".bias"].detach() * scale).to(device, torch.float32)
             self.layers.append((weight.t().contiguous(), bias))
-        self.device = device
-        self.chunk = chunk
+        self.device = torch.device(device)
+        if chunk is None:
+            chunk = CPU_CHUNK if self.device.type == "cpu" else DEVICE_CHUNK
+        self.chunk = int(chunk)
         self.evaluated = 0  # points sent through the network, for benchmarks and tests
 
     @torch.no_grad()
@@ -47,15 +57,26 @@ class OccupancyNetwork:
         weight_t, bias = self.layers[-1]
         return torch.addmm(bias, h, weight_t).squeeze(-1)
 
+    @torch.no_grad()
     def probabilities(self, canonical: np.ndarray) -> np.ndarray:
+        """float32 probabilities at canonical points (N x 3); 0 outside the canonical cube."""
         canonical = np.asarray(canonical, dtype=np.float32).reshape(-1, 3)
         result = np.zeros(len(canonical), dtype=np.float32)
-        inside = np.nonzero(np.all(np.abs(canonical) <= 1.0, axis=1))[0]
-        for start in range(0, len(inside), self.chunk):
-            rows = inside[start:start + self.chunk]
-            coords = torch.from_numpy(canonical[rows]).to(self.device)
-            result[rows] = torch.sigmoid(self.logits(coords)).cpu().numpy()
-        self.evaluated += len(inside)
+        inside = np.all(np.abs(canonical) <= 1.0, axis=1)
+        count = int(inside.sum())
+        if count == 0:
+            return result
+        points = canonical if count == len(canonical) else canonical[inside]
+        points = torch.from_numpy(np.ascontiguousarray(points)).to(self.device)
+        logits = torch.empty(count, dtype=torch.float32, device=self.device)
+        for start in range(0, count, self.chunk):
+            logits[start:start + self.chunk] = self.logits(points[start:start + self.chunk])
+        probabilities = torch.sigmoid_(logits).cpu().numpy()
+        if count == len(canonical):
+            result = probabilities
+        else:
+            result[inside] = probabilities
+        self.evaluated += count
         return result
 
 
@@ -67,23 +88,67 @@ def _blocks(box: Tuple[slice, ...], block: int):
                 yield tuple(slice(s, min(s + block, b.stop)) for s, b in zip((i, j, k), box))
 
 
-def _lattice_probabilities(network: OccupancyNetwork, affine, origin_index, step: int,
-                           counts, where: Optional[np.ndarray] = None) -> np.ndarray:
-    """Probabilities on the lattice origin_index + step * (a, b, c), a < counts[0] ...;
-    only where `where` is True (elsewhere 0) when given."""
+def _canonical(affine, i: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Canonical coordinates (float32, N x 3) of voxel indices i, j, k (float64 arrays that
+    broadcast together). Dense and coarse-to-fine evaluation both come here, so the same voxel
+    always gets bit-identical coordinates."""
     matrix, offset = affine
-    if where is None:
-        grids = np.meshgrid(*[np.arange(n) for n in counts], indexing="ij")
-        lattice = np.stack([g.ravel() for g in grids], axis=1)
-    else:
-        lattice = np.argwhere(where)
-    ijk = origin_index + step * lattice.astype(np.float64)
-    values = network.probabilities(ijk @ matrix.T + offset)
-    if where is None:
-        return values.reshape(counts)
-    dense = np.zeros(counts, dtype=np.float32)
-    dense[where] = values
-    return dense
+    shape = np.broadcast(i, j, k).shape
+    coords = np.empty(shape + (3,), dtype=np.float32)
+    for row in range(3):
+        coords[..., row] = i * matrix[row, 0] + j * matrix[row, 1] + k * matrix[row, 2] + offset[row]
+    return coords.reshape(-1, 3)
+
+
+def _lattice_probabilities(network: OccupancyNetwork, affine, origin_index: Sequence[float], step: int,
+                           counts: Sequence[int]) -> np.ndarray:
+    """Probabilities on the whole lattice origin_index + step * (a, b, c), a < counts[0] ..."""
+    axes = [origin_index[n] + step * np.arange(counts[n], dtype=np.float64) for n in range(3)]
+    coords = _canonical(affine, axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :])
+    return network.probabilities(coords).reshape(tuple(counts))
+
+
+def _refine(network: OccupancyNetwork, affine, origin_index: Sequence[float], step: int,
+            values: np.ndarray, need: np.ndarray) -> None:
+    """Evaluate the lattice points where `need` is True, in place in `values`."""
+    flat = np.flatnonzero(need)
+    if len(flat) == 0:
+        return
+    a, b, c = np.unravel_index(flat, need.shape)
+    coords = _canonical(affine, origin_index[0] + step * a.astype(np.float64),
+                        origin_index[1] + step * b.astype(np.float64),
+                        origin_index[2] + step * c.astype(np.float64))
+    values.reshape(-1)[flat] = network.probabilities(coords)
+
+
+def _mixed_cells(inside: np.ndarray) -> np.ndarray:
+    """Cells (between lattice points) whose 8 corners disagree about the threshold."""
+    anyone = inside[:-1] | inside[1:]
+    everyone = inside[:-1] & inside[1:]
+    anyone = anyone[:, :-1] | anyone[:, 1:]
+    everyone = everyone[:, :-1] & everyone[:, 1:]
+    anyone = anyone[:, :, :-1] | anyone[:, :, 1:]
+    everyone = everyone[:, :, :-1] & everyone[:, :, 1:]
+    return anyone & ~everyone
+
+
+def _cell_points(mixed: np.ndarray) -> np.ndarray:
+    """Points of the twice finer lattice (2n + 1 per axis) that lie in or on the given cells.
+
+    A cell c covers fine points 2c, 2c + 1, 2c + 2 along each axis; the set is a product, so it
+    is built axis by axis (3 x 3 operations instead of 27 on the whole fine lattice)."""
+    points = mixed
+    for axis in range(3):
+        n = points.shape[axis]
+        shape = list(points.shape)
+        shape[axis] = 2 * n + 1
+        finer = np.zeros(shape, dtype=bool)
+        for shift in range(3):
+            index = [slice(None)] * 3
+            index[axis] = slice(shift, shift + 2 * n, 2)
+            finer[tuple(index)] |= points
+        points = finer
+    return points
 
 
 def _upsample(values: np.ndarray) -> np.ndarray:
@@ -100,35 +165,35 @@ def _upsample(values: np.ndarray) -> np.ndarray:
         low = [slice(None)] * 3
         high = [slice(None)] * 3
         low[axis], high[axis] = slice(0, -1), slice(1, None)
-        finer[tuple(odd)] = 0.5 * (values[tuple(low)] + values[tuple(high)])
+        odd_values = finer[tuple(odd)]
+        np.add(values[tuple(low)], values[tuple(high)], out=odd_values)
+        odd_values *= 0.5
         values = finer
     return values
 
 
 def _coarse_to_fine_block(network: OccupancyNetwork, affine, start, shape, coarse_step: int) -> np.ndarray:
+    """Boolean occupancy of one block, evaluating the network only near the surface."""
     cells = [max(1, math.ceil((n - 1) / coarse_step)) for n in shape]
     step = coarse_step
     values = _lattice_probabilities(network, affine, start, step, [c + 1 for c in cells])
+    inside = values >= THRESHOLD
+    mixed = _mixed_cells(inside)
+    if not mixed.any():  # neighbouring cells share corners: no mixed cell means a uniform block
+        return np.full(tuple(shape), bool(inside.flat[0]))
     while step > 1:
-        inside = values >= THRESHOLD
-        cx, cy, cz = cells
-        corners = [inside[a:a + cx, b:b + cy, e:e + cz] for a, b, e in np.ndindex(2, 2, 2)]
-        mixed = np.logical_or.reduce(corners) & ~np.logical_and.reduce(corners)
         values = _upsample(values)
         step //= 2
-        cells = [2 * c for c in cells]
-        need = np.zeros(values.shape, dtype=bool)
-        for a, b, e in np.ndindex(3, 3, 3):
-            need[a:a + cells[0]:2, b:b + cells[1]:2, e:e + cells[2]:2] |= mixed
+        need = _cell_points(mixed)
         need[::2, ::2, ::2] = False  # known from the coarser level
-        if need.any():
-            refined = _lattice_probabilities(network, affine, start, step, values.shape, where=need)
-            values[need] = refined[need]
-    return values[:shape[0], :shape[1], :shape[2]]
+        _refine(network, affine, start, step, values, need)
+        if step > 1:
+            mixed = _mixed_cells(values >= THRESHOLD)
+    return values[:shape[0], :shape[1], :shape[2]] >= THRESHOLD
 
 
 def _dense_block(network: OccupancyNetwork, affine, start, shape) -> np.ndarray:
-    return _lattice_probabilities(network, affine, start, 1, list(shape))
+    return _lattice_probabilities(network, affine, start, 1, list(shape)) >= THRESHOLD
 
 
 def evaluate_grid(network: OccupancyNetwork, frame: CanonicalFrame, geometry: Geometry,
@@ -150,12 +215,12 @@ def evaluate_grid(network: OccupancyNetwork, frame: CanonicalFrame, geometry: Ge
         coarse_step *= 2
     blocks = list(_blocks(box, block))
     for done, region in enumerate(blocks):
-        start = np.array([r.start for r in region], dtype=np.float64)
+        start = [float(r.start) for r in region]
         shape = [r.stop - r.start for r in region]
         if method == "dense" or coarse_step == 1:
-            values = _dense_block(network, affine, start, shape)
+            occupied = _dense_block(network, affine, start, shape)
         else:
-            values = _coarse_to_fine_block(network, affine, start, shape, coarse_step)
-        output[region] = values >= THRESHOLD
+            occupied = _coarse_to_fine_block(network, affine, start, shape, coarse_step)
+        output[region] = occupied
         report(progress, done + 1, len(blocks))
     return output

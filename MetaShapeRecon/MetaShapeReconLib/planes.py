@@ -75,7 +75,10 @@ def detect_planes(mask: np.ndarray) -> ObservedPlanes:
     A voxel that is isolated along exactly one axis is evidence for its plane along that axis
     (lines and dots, isolated along two or three axes, prove nothing); a plane is annotated when
     at least half of its foreground is such evidence. Planes crossing another orientation's
-    drawing pick up only the intersection lines, whose neighbours along the axis are drawn."""
+    drawing pick up only the intersection lines, whose neighbours along the axis are drawn.
+    A plane whose drawing is too thin to prove itself (a dot or a line at a shape's tip, isolated
+    along several axes) joins an orientation found that way when all of it is isolated along that
+    axis and it continues that orientation's regular spacing (at least two planes, evenly spaced)."""
     nonzero = np.nonzero(mask.any(axis=(1, 2)))[0], np.nonzero(mask.any(axis=(0, 2)))[0], \
         np.nonzero(mask.any(axis=(0, 1)))[0]
     if any(len(n) == 0 for n in nonzero):
@@ -85,14 +88,41 @@ def detect_planes(mask: np.ndarray) -> ObservedPlanes:
     isolated = [box & ~_shift_has(box, a, +1) & ~_shift_has(box, a, -1) for a in range(3)]
     isolated_axes = isolated[0].astype(np.uint8) + isolated[1] + isolated[2]
     planes = {}
+    candidates = {}
     for axis in range(3):
         others = tuple(a for a in range(3) if a != axis)
         foreground = box.sum(axis=others)
         evidence = (isolated[axis] & (isolated_axes == 1)).sum(axis=others)
-        annotated = np.nonzero((foreground > 0) & (2 * evidence >= foreground))[0]
-        if len(annotated):
-            planes[axis] = annotated.astype(np.int64) + low[axis]
-    return planes
+        annotated = (foreground > 0) & (2 * evidence >= foreground)
+        if annotated.any():
+            planes[axis] = annotated
+        # planes whose whole drawing is isolated along this axis, but too thin (a dot or a line at a
+        # shape's tip) to prove it: isolated along another axis as well
+        candidates[axis] = (foreground > 0) & ~annotated & (isolated[axis].sum(axis=others) == foreground)
+    for axis in list(planes):
+        # a thin plane continues the regular spacing of this orientation's planes (it is a tip of
+        # a shape drawn every `step` planes)
+        indices = np.nonzero(planes[axis])[0]
+        steps = np.diff(indices)
+        if len(indices) < 2 or not np.all(steps == steps[0]):
+            continue
+        step = int(steps[0])
+        positions = np.arange(len(planes[axis]))
+        extra = candidates[axis] & (positions % step == indices[0] % step) \
+            & (positions >= indices[0] - step) & (positions <= indices[-1] + step)
+        if not extra.any():
+            continue
+        # and holds some drawing that no plane of another orientation explains
+        explained = np.zeros(box.shape, dtype=bool)
+        for other, annotated in planes.items():
+            if other != axis:
+                index = [slice(None)] * 3
+                index[other] = annotated
+                explained[tuple(index)] = True
+        others = tuple(a for a in range(3) if a != axis)
+        extra &= (box & ~explained).any(axis=others)
+        planes[axis] = planes[axis] | extra
+    return {axis: np.nonzero(annotated)[0].astype(np.int64) + low[axis] for axis, annotated in planes.items()}
 
 
 def select_planes(slices: str, mask: np.ndarray, geometry: Geometry) -> ObservedPlanes:

@@ -9,6 +9,7 @@ from the file.
 import copy
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional
@@ -33,6 +34,34 @@ DEFAULT_ADAPTATION = {
 }
 
 
+def merged_adaptation(card: Mapping) -> dict:
+    """The model card's adaptation settings over the defaults."""
+    merged = copy.deepcopy(DEFAULT_ADAPTATION)
+    settings = card.get("adaptation") or {}
+    merged.update({k: v for k, v in settings.items() if k != "auto"})
+    merged["auto"].update(settings.get("auto") or {})
+    return merged
+
+
+def _check_adaptation(card: Mapping) -> None:
+    """Raise ValueError/TypeError unless the card's adaptation settings are usable numbers."""
+    settings = card.get("adaptation", {})
+    if not isinstance(settings, dict) or not isinstance(settings.get("auto", {}), dict):
+        raise ValueError("adaptation must be a JSON object")
+    merged = merged_adaptation(card)
+    auto = merged["auto"]
+    checks = [("steps", merged["steps"], int, 0), ("context_points", merged["context_points"], int, 1),
+              ("weight_decay", merged["weight_decay"], float, 0.0), ("auto.lr", auto["lr"], float, 0.0),
+              ("auto.patience", auto["patience"], int, 1), ("auto.max_steps", auto["max_steps"], int, 0)]
+    if "inner_lr" in merged:
+        checks.append(("inner_lr", merged["inner_lr"], float, 0.0))
+    for name, value, kind, lowest in checks:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (kind is int and value != int(value)) or value < lowest:
+            raise ValueError(f"adaptation.{name} = {value!r} is not a {'whole ' if kind is int else ''}"
+                             f"number >= {lowest}")
+
+
 @dataclass
 class Prior:
     """A shape prior: the network's initial weights, its inner-loop step sizes and its model card."""
@@ -53,11 +82,7 @@ class Prior:
 
     @property
     def adaptation(self) -> dict:
-        merged = copy.deepcopy(DEFAULT_ADAPTATION)
-        card = self.card.get("adaptation", {})
-        merged.update({k: v for k, v in card.items() if k != "auto"})
-        merged["auto"].update(card.get("auto", {}))
-        return merged
+        return merged_adaptation(self.card)
 
     @property
     def default_steps(self) -> int:
@@ -160,11 +185,26 @@ def _check_card(card: dict, where: str) -> Siren:
                          f"(this version reads {FORMAT_VERSION})")
     try:
         architecture = card["architecture"]
+        if not isinstance(architecture, dict):
+            raise ValueError("architecture must be a JSON object")
         if architecture.get("type") != "siren":
-            raise ValueError(f"architecture {architecture.get('type')!r}")
+            raise ValueError(f"architecture type {architecture.get('type')!r}, expected 'siren'")
+        sizes = {"hidden_features": (1, 8192), "linear_layers": (2, 64), "in_features": (3, 3)}
+        for key, (lowest, highest) in sizes.items():
+            value = architecture.get(key, 3) if key == "in_features" else architecture[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= highest:
+                raise ValueError(f"architecture {key} = {value!r}, expected a whole number in [{lowest}, {highest}]")
+        omega_0 = architecture["omega_0"]
+        if isinstance(omega_0, bool) or not isinstance(omega_0, (int, float)) or not 0 < omega_0 < 1e6:
+            raise ValueError(f"architecture omega_0 = {omega_0!r}, expected a positive number")
         model = Siren.from_architecture(architecture)
+        if not isinstance(card["frame"], dict):
+            raise ValueError("frame must be a JSON object")
         FrameSpec.from_metadata(card["frame"])
-    except (KeyError, TypeError, ValueError) as error:
+        _check_adaptation(card)
+    except KeyError as error:
+        raise InputError(f"{where}: incompatible model card (no {error} entry)") from None
+    except (TypeError, ValueError) as error:
         raise InputError(f"{where}: incompatible model card ({error})") from None
     return model
 
@@ -176,9 +216,11 @@ def load_prior(name_or_path: str = "kidney", device="cpu") -> Prior:
 
     tensor_path = resolve_prior_path(name_or_path)
     card_path = tensor_path[:-len(".safetensors")] + ".json"
-    for path in (tensor_path, card_path):
-        if not os.path.isfile(path):
-            raise InputError(f"prior file not found: {path}")
+    if not os.path.isfile(tensor_path):
+        raise InputError(f"prior file not found: {tensor_path}")
+    if not os.path.isfile(card_path):
+        raise InputError(f"prior model card not found: {card_path} (a prior is NAME.safetensors with its "
+                         "NAME.json beside it)")
     try:
         with open(card_path) as handle:
             card = json.load(handle)
@@ -199,14 +241,16 @@ def load_prior(name_or_path: str = "kidney", device="cpu") -> Prior:
     params, lrs = {}, {}
     for name, shape in expected.items():
         weight = tensors.get(WEIGHTS + name)
-        if weight is None or tuple(weight.shape) != shape:
-            found = None if weight is None else tuple(weight.shape)
+        if weight is None:
+            raise InputError(f"prior {tensor_path} does not match its architecture: tensor {WEIGHTS}{name} "
+                             "is missing")
+        if tuple(weight.shape) != shape:
             raise InputError(f"prior {tensor_path} does not match its architecture: {WEIGHTS}{name} "
-                             f"has shape {found}, expected {shape}")
+                             f"has shape {tuple(weight.shape)}, expected {shape}")
         params[name] = weight.float()
         lr = tensors.get(INNER_LR + name)
         if lr is None:
-            lr = torch.full(shape, float(card.get("adaptation", {}).get("inner_lr", 0.01)))
+            lr = torch.full(shape, float(merged_adaptation(card).get("inner_lr", 0.01)))
         elif tuple(lr.shape) != shape:
             raise InputError(f"prior {tensor_path}: {INNER_LR}{name} has shape {tuple(lr.shape)}, expected {shape}")
         lrs[name] = lr.float()

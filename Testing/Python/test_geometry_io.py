@@ -1,0 +1,138 @@
+"""Grids in physical space and labelmap files: geometry survives reading and writing."""
+
+import os
+import stat
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from fitted import OBLIQUE_DIRECTION, oblique_geometry
+from MetaShapeReconLib.errors import InputError
+from MetaShapeReconLib.geometry import Geometry
+from MetaShapeReconLib.labelmap_io import atomic_output, check_writable, read_labelmap, write_labelmap
+
+SUFFIXES = [".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".mha", ".mhd"]
+
+
+def assert_same_geometry(a: Geometry, b: Geometry, tol=1e-5):
+    assert a.size == b.size
+    np.testing.assert_allclose(a.spacing, b.spacing, atol=tol)
+    np.testing.assert_allclose(a.origin, b.origin, atol=tol)
+    np.testing.assert_allclose(a.direction, b.direction, atol=tol)
+
+
+def test_index_to_physical_matches_simpleitk():
+    geometry = oblique_geometry()
+    image = sitk.Image(list(geometry.size), sitk.sitkUInt8)
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    rng = np.random.default_rng(0)
+    ijk = rng.uniform(-1, 25, size=(20, 3))
+    ours = geometry.index_to_physical(ijk)
+    theirs = np.array([image.TransformContinuousIndexToPhysicalPoint(p.tolist()) for p in ijk])
+    np.testing.assert_allclose(ours, theirs, atol=1e-9)
+    np.testing.assert_allclose(geometry.physical_to_index(ours), ijk, atol=1e-9)
+
+
+def test_resampled_is_finer_over_the_same_extent():
+    geometry = oblique_geometry((26, 26, 20), (1.5, 1.8, 2.4))
+    fine = geometry.resampled(0.6)
+    assert fine.size == (65, 78, 80)
+    assert fine.spacing == (0.6, 0.6, 0.6)
+    np.testing.assert_allclose(fine.direction, geometry.direction)
+    # the outer voxel edges stay where they were
+    for grid in (geometry, fine):
+        low = grid.index_to_physical([-0.5, -0.5, -0.5])
+        high = grid.index_to_physical(np.asarray(grid.size) - 0.5)
+        np.testing.assert_allclose(low, geometry.index_to_physical([-0.5, -0.5, -0.5]), atol=1e-9)
+        np.testing.assert_allclose(high, geometry.index_to_physical(np.asarray(geometry.size) - 0.5), atol=1e-9)
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_labelmap_round_trip_keeps_values_and_oblique_geometry(tmp_path, suffix):
+    geometry = oblique_geometry((7, 6, 5), (0.7, 1.1, 3.0))
+    labels = np.arange(7 * 6 * 5).reshape(7, 6, 5) % 4
+    path = str(tmp_path / ("case" + suffix))
+    write_labelmap(path, labels, geometry)
+    read, read_geometry = read_labelmap(path)
+    assert read.shape == (7, 6, 5)
+    np.testing.assert_array_equal(read, labels)
+    assert_same_geometry(read_geometry, geometry)
+    # and the array is indexed (i, j, k) like ITK: voxel (6, 0, 0) is at the index SimpleITK says
+    image = sitk.ReadImage(path)
+    assert image.GetPixel(6, 0, 0) == labels[6, 0, 0] and image.GetPixel(1, 5, 4) == labels[1, 5, 4]
+    assert image.GetPixelID() == sitk.sitkUInt8
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".partial-")]
+
+
+def test_read_accepts_integer_types_and_whole_floats(tmp_path):
+    geometry = Geometry.create((4, 4, 4), (1, 1, 1))
+    for pixel in (np.int16, np.uint16, np.int32, np.float32):
+        array = np.zeros((4, 4, 4), pixel)
+        array[1, 2, 3] = 300 if pixel != np.float32 else 2.0
+        image = sitk.GetImageFromArray(array)
+        path = str(tmp_path / f"l-{np.dtype(pixel).name}.nrrd")
+        sitk.WriteImage(image, path)
+        labels, _ = read_labelmap(path)
+        assert labels[3, 2, 1] == array[1, 2, 3] and labels.sum() == array.sum()
+
+
+def test_read_errors(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        read_labelmap(str(tmp_path / "missing.nii.gz"))
+    text = tmp_path / "text.nii.gz"
+    text.write_text("this is not an image\n")
+    with pytest.raises(InputError, match="cannot read"):
+        read_labelmap(str(text))
+    flat = str(tmp_path / "flat.nii.gz")
+    sitk.WriteImage(sitk.Image(10, 12, sitk.sitkUInt8), flat)
+    with pytest.raises(InputError, match="2-D"):
+        read_labelmap(flat)
+    rgb = str(tmp_path / "rgb.nrrd")
+    sitk.WriteImage(sitk.Image([5, 5, 5], sitk.sitkVectorUInt8, 3), rgb)
+    with pytest.raises(InputError, match="components"):
+        read_labelmap(rgb)
+    thin = str(tmp_path / "thin.nrrd")
+    sitk.WriteImage(sitk.Image([5, 5, 1], sitk.sitkUInt8), thin)
+    with pytest.raises(InputError, match="at least 2 voxels"):
+        read_labelmap(thin)
+    fractional = str(tmp_path / "probability.nrrd")
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((4, 4, 4), 0.5, np.float32)), fractional)
+    with pytest.raises(InputError, match="non-integer"):
+        read_labelmap(fractional)
+    series = str(tmp_path / "series.nii.gz")
+    sitk.WriteImage(sitk.Image([4, 4, 4, 3], sitk.sitkUInt8), series)
+    with pytest.raises(InputError, match="4-D"):
+        read_labelmap(series)
+
+
+def test_check_writable(tmp_path):
+    check_writable(str(tmp_path / "out.nii.gz"), "output", (".nii.gz",))
+    with pytest.raises(InputError, match="unsupported file type"):
+        check_writable(str(tmp_path / "out.png"), "output", (".nii.gz", ".nrrd"))
+    with pytest.raises(InputError, match="does not exist"):
+        check_writable(str(tmp_path / "nowhere" / "out.nii.gz"), "output", (".nii.gz",))
+
+
+def test_atomic_output_leaves_nothing_on_failure_and_usual_permissions_on_success(tmp_path):
+    target = tmp_path / "out.nii.gz"
+    with pytest.raises(RuntimeError):
+        with atomic_output(str(target)) as temporary:
+            with open(temporary, "w") as handle:
+                handle.write("half")
+            raise RuntimeError("failed half way")
+    assert os.listdir(tmp_path) == []
+    with atomic_output(str(target)) as temporary:
+        with open(temporary, "w") as handle:
+            handle.write("whole")
+    assert os.listdir(tmp_path) == ["out.nii.gz"] and target.read_text() == "whole"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+
+def test_oblique_direction_is_a_rotation():
+    np.testing.assert_allclose(OBLIQUE_DIRECTION @ OBLIQUE_DIRECTION.T, np.eye(3), atol=1e-12)
+    assert np.abs(OBLIQUE_DIRECTION).max() < np.cos(np.radians(15))  # nowhere near axis-aligned

@@ -1,0 +1,203 @@
+"""The reconstruction pipeline in-process: fitting, observed planes as the only evidence, the
+report, progress and cancelling, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from fitted import fitted_sphere_prior, grid_centre, oblique_geometry, quick_prior, single_thread, sphere_case
+from MetaShapeReconLib.errors import Cancelled, InputError
+from MetaShapeReconLib.frame import centre_frame
+from MetaShapeReconLib.geometry import Geometry
+from MetaShapeReconLib.planes import select_planes
+from MetaShapeReconLib.prior import load_prior
+from MetaShapeReconLib.reconstruct import dice, observed_context, reconstruct, resolve_device, structure_mask
+from shapes import ellipsoid, sparse_planes
+
+
+@pytest.fixture(scope="module")
+def small_case():
+    """A sparse ellipsoid (every 6th sagittal plane) on a small grid, with a small untrained network
+    for tests where the network's answer does not matter."""
+    geometry = Geometry.create((30, 24, 20), (1.0, 1.2, 1.5), (-10, 20, 5))
+    mask = ellipsoid(geometry, grid_centre(geometry), (13, 9, 8))
+    sparse = sparse_planes(mask, 0, 6, 3)
+    return sparse, geometry, mask, quick_prior(hidden_features=32, extent_mm=64.0, context_points=1024)
+
+
+def test_sphere_fitted_from_all_its_planes_on_an_oblique_anisotropic_grid():
+    labels, geometry, _, _ = sphere_case()
+    prior = load_prior(fitted_sphere_prior())
+    assert prior.card["fitted"]["steps"] > 10  # the network was fitted, not drawn at random
+    result = reconstruct(labels, geometry, prior, slices="axial:1", device="cpu")
+    assert result.geometry == geometry
+    assert result.labels.dtype == np.uint8 and result.labels.shape == geometry.size
+    report = result.report
+    assert report["steps"] == 0
+    # the network's own prediction on every voxel (the output itself keeps the drawing)
+    assert report["dice_observed_planes"] >= 0.98
+    assert report["observed_planes"][0]["axis"] == "axial"
+    assert report["observed_planes"][0]["count"] == geometry.size[geometry.patient_axis_order()[2]]
+    np.testing.assert_array_equal(result.labels, labels)
+
+
+@pytest.mark.slow
+def test_untrained_siren_adapted_on_every_8th_sagittal_plane_recovers_the_ellipsoid():
+    geometry = Geometry.create((48, 36, 36), (1.0, 1.0, 1.0), (30.0, -60.0, 90.0))
+    mask = ellipsoid(geometry, grid_centre(geometry) + 0.3, (20, 12, 10))
+    sparse = sparse_planes(mask, 0, 8, 4)
+    prior = quick_prior(extent_mm=128.0, lr=3e-4, context_points=4096)  # the product's 7 x 128 SIREN
+    assert prior.model.architecture()["hidden_features"] == 128
+    with single_thread():
+        result = reconstruct(sparse, geometry, prior, steps="auto", slices="auto", device="cpu")
+    report = result.report
+    assert report["steps_mode"] == "auto" and 20 <= report["steps"] <= 1000
+    assert [p["indices"] for p in report["observed_planes"]] == [[i for i in range(4, 48, 8) if mask[i].any()]]
+    assert dice(result.labels, mask) >= 0.9
+    between = np.ones(mask.shape, bool)
+    between[4::8] = False
+    assert dice(result.labels[between], mask[between]) >= 0.88  # not just the drawing copied back
+    assert report["loss"][-1] < report["loss"][0]
+
+
+def test_observed_context_is_the_whole_observed_planes_and_nothing_else(small_case):
+    sparse, geometry, mask, prior = small_case
+    planes = select_planes("auto", sparse != 0, geometry)
+    assert list(planes) == [0] and list(planes[0]) == [3, 9, 15, 21, 27]
+    frame = centre_frame(prior.frame_spec, geometry, sparse != 0, planes)
+    coords, target = observed_context(sparse != 0, geometry, planes, frame)
+    ijk = geometry.physical_to_index(frame.to_physical(coords))
+    np.testing.assert_allclose(ijk, np.round(ijk), atol=1e-3)
+    ijk = np.round(ijk).astype(int)
+    assert set(ijk[:, 0]) == {3, 9, 15, 21, 27}  # only voxels of observed planes
+    assert len(ijk) == 5 * 24 * 20 == len({tuple(v) for v in ijk})  # all of them (the frame holds the grid), once
+    np.testing.assert_array_equal(target, sparse[tuple(ijk.T)] != 0)
+    assert 0 < target.mean() < 1  # background of the planes is evidence too
+
+
+def test_crossing_planes_count_their_shared_voxels_once():
+    geometry = Geometry.create((20, 20, 20), (1.0, 1.0, 1.0))
+    mask = ellipsoid(geometry, grid_centre(geometry), (8.5, 8.5, 8.5))
+    sparse = (sparse_planes(mask, 0, 5, 2) > 0) | (sparse_planes(mask, 2, 5, 4) > 0)
+    planes = select_planes("auto", sparse, geometry)
+    assert {a: list(v) for a, v in planes.items()} == {0: [2, 7, 12, 17], 2: [4, 9, 14]}
+    frame = centre_frame(quick_prior(extent_mm=64.0).frame_spec, geometry, sparse, planes)
+    coords, _ = observed_context(sparse, geometry, planes, frame)
+    assert len(coords) == 4 * 400 + 3 * 400 - 4 * 3 * 20
+
+
+def test_frame_is_centred_on_the_observed_foreground(small_case):
+    sparse, geometry, _, prior = small_case
+    planes = select_planes("sagittal:6:3", sparse != 0, geometry)
+    frame = centre_frame(prior.frame_spec, geometry, sparse != 0, planes)
+    points = geometry.index_to_physical(np.argwhere(sparse))
+    np.testing.assert_allclose(frame.centre, (points.min(axis=0) + points.max(axis=0)) / 2)
+    assert frame.half_extent == (32.0, 32.0, 32.0)
+
+
+def test_report_holds_what_the_contract_asks(small_case):
+    sparse, geometry, _, prior = small_case
+    result = reconstruct(sparse, geometry, prior, steps=2, device="cpu")
+    report = result.report
+    for key in ("prior", "steps", "device", "observed_planes", "timings_s", "dice_observed_planes"):
+        assert key in report
+    assert report["prior"] == "test-untrained" and report["steps"] == 2 and report["device"].startswith("cpu")
+    assert report["observed_planes"] == [{"axis": "sagittal", "image_axis": "i", "count": 5,
+                                          "indices": [3, 9, 15, 21, 27], "pattern": "sagittal:6:3"}]
+    assert {"adapt", "evaluate"} <= set(report["timings_s"])
+    assert all(isinstance(v, float) and v >= 0 for v in report["timings_s"].values())
+    assert 0.0 <= report["dice_observed_planes"] <= 1.0
+    assert len(report["loss"]) == 2 and all(np.isfinite(report["loss"]))
+    assert report["output"]["size"] == list(geometry.size) and report["output"]["keeps_drawn_planes"]
+    import json
+
+    json.dumps(report)  # plain JSON types only
+
+
+def test_output_keeps_the_drawing_on_observed_planes(small_case):
+    sparse, geometry, _, prior = small_case
+    result = reconstruct(sparse, geometry, prior, steps=0, device="cpu")
+    np.testing.assert_array_equal(result.labels[3::6], sparse[3::6] != 0)
+    finer = reconstruct(sparse, geometry, prior, steps=0, device="cpu", output_geometry=geometry.resampled(0.5))
+    assert finer.labels.shape == (60, 48, 60) and not finer.report["output"]["keeps_drawn_planes"]
+
+
+def test_progress_receives_step_total_loss_through_adaptation_and_evaluation(small_case):
+    sparse, geometry, _, prior = small_case
+    calls = []
+    reconstruct(sparse, geometry, prior, steps=3, device="cpu", progress=lambda *a: calls.append(a) or True)
+    steps = [c[0] for c in calls]
+    totals = {c[1] for c in calls}
+    assert len(totals) == 1 and steps[-1] == totals.pop()
+    assert steps == sorted(steps) and steps[0] == 1
+    assert [type(c[2]) for c in calls[:3]] == [float] * 3  # the loss of each adaptation step
+    assert len(calls) > 3  # and evaluation reports too
+
+
+def test_progress_in_auto_mode_ends_at_its_total(small_case):
+    sparse, geometry, _, _ = small_case
+    prior = quick_prior(hidden_features=32, extent_mm=64.0, context_points=512, steps=1, max_steps=15)
+    calls = []
+    result = reconstruct(sparse, geometry, prior, steps="auto", device="cpu",
+                         progress=lambda *a: calls.append(a) or True)
+    assert 1 < result.report["steps"] <= 16
+    assert calls[-1][0] == calls[-1][1] and all(c[1] == calls[-1][1] for c in calls)
+    assert [c[0] for c in calls] == sorted(c[0] for c in calls)
+
+
+@pytest.mark.parametrize("stop_at", [2, "evaluation"])
+def test_returning_false_cancels(small_case, stop_at):
+    sparse, geometry, _, prior = small_case
+    calls = []
+
+    def progress(step, total, loss):
+        calls.append(step)
+        return not (step == stop_at if stop_at != "evaluation" else loss is None)
+
+    with pytest.raises(Cancelled):
+        reconstruct(sparse, geometry, prior, steps=4, device="cpu", progress=progress)
+    assert calls[-1] == (2 if stop_at == 2 else 5)  # nothing ran after the cancel
+
+
+def test_bad_input(small_case):
+    sparse, geometry, mask, prior = small_case
+    cases = [
+        (np.zeros(geometry.size, np.int32), {}, "empty"),
+        (np.ones(geometry.size, np.int32), {}, "fills the whole grid"),
+        (np.where(mask, 1, 0), {}, "no observed plane found"),
+        (sparse, {"label": 7}, r"label 7 is absent .*labels present: 1\)"),
+        (sparse, {"steps": "many"}, "expected a number of steps or auto"),
+        (sparse, {"steps": -1}, "0 or more"),
+        (sparse, {"device": "tpu"}, "expected auto, cpu or cuda"),
+        (sparse, {"slices": "axial:9:9"}, "OFFSET"),
+        (sparse[:, :, :5], {}, "does not match its geometry"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((sparse, {"device": "cuda"}, "CUDA is not available"))
+    for labels, options, phrase in cases:
+        with pytest.raises(InputError, match=phrase):
+            reconstruct(labels, geometry, prior, **options)
+
+
+def test_label_chooses_the_structure():
+    labels = np.zeros((6, 6, 6), np.int32)
+    labels[1, 1:3, 1:3] = 1
+    labels[3, 2:5, 2:5] = 2
+    assert structure_mask(labels).sum() == 4 + 9
+    assert structure_mask(labels, 2).sum() == 9 and structure_mask(labels, 2)[3, 2, 2]
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="--device cuda"):
+            resolve_device("cuda")
+
+
+def test_shape_larger_than_the_frame_warns():
+    geometry = oblique_geometry((26, 26, 20), (1.5, 1.8, 2.4))
+    labels = ellipsoid(geometry, grid_centre(geometry), (18, 18, 18)).astype(np.int32)
+    prior = quick_prior(hidden_features=16, extent_mm=20.0, context_points=256)
+    result = reconstruct(labels, geometry, prior, steps=0, slices="axial:1", device="cpu")
+    assert any("larger than the prior's" in w for w in result.report["warnings"])
