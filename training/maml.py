@@ -113,7 +113,7 @@ class MetaLearner:
                                            float(maml["grad_clip"]))
         self.optimizer.step()
         per_step = losses.detach().mean(dim=0).cpu().numpy()
-        return {"loss": float(objective), "loss_first_step": float(per_step[0]), "loss_last_step": float(per_step[-1])}
+        return {"loss": float(objective.detach()), "loss_first_step": float(per_step[0]), "loss_last_step": float(per_step[-1])}
 
 
 def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optional[List[Shape]] = None,

@@ -42,8 +42,9 @@ def _checked_inputs(sparse_mask: np.ndarray, planes: PlanesLike, geometry: Optio
         if len(indices) == 0:
             continue
         if indices[0] < 0 or indices[-1] >= mask.shape[axis]:
-            raise InputError(f"observed planes along axis {axis}: index {int(indices[0] if indices[0] < 0 else indices[-1])}"
-                             f" is outside the image (size {mask.shape[axis]})")
+            outside = int(indices[0] if indices[0] < 0 else indices[-1])
+            raise InputError(f"observed planes along axis {axis}: index {outside} is outside the image "
+                             f"(size {mask.shape[axis]})")
         checked[int(axis)] = indices
     if not checked:
         raise InputError("no observed plane given: the baselines interpolate between observed planes")
@@ -76,8 +77,7 @@ def _contour_interpolator():
         return vtkITK.vtkITKMorphologicalContourInterpolator()
     except ImportError:
         pass
-    try:
-        import vtk  # noqa: F401  (slicer-core's VTK classes need VTK loaded first)
+    try:  # the slicer-core wheel (VTK is loaded already: `_run_interpolator` imports it first)
         import slicer
         return slicer.vtkITKMorphologicalContourInterpolator()
     except (ImportError, AttributeError):
@@ -86,8 +86,8 @@ def _contour_interpolator():
 
 
 def _run_interpolator(labels: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    from vtk.util import numpy_support
     import vtk
+    from vtk.util import numpy_support
 
     image = vtk.vtkImageData()
     image.SetDimensions(*labels.shape)

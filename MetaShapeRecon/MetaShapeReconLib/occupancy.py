@@ -10,7 +10,8 @@ evaluates a voxel it gets exactly the dense value.
 
 Speed notes (2-core CPU, profiled): the network's matrix products and sines are almost all of the
 time. On the CPU they run 2-3x faster in chunks of a few thousand points, whose activations
-(chunk x 128 floats per layer) stay in the core's cache, than in chunks of 65k points.
+(chunk x 128 floats per layer) stay in the core's cache, than in chunks of 65k points; the chunks
+go to single-threaded workers, one per core (see `parallel.py`).
 """
 
 import math
@@ -22,6 +23,7 @@ import torch
 from .adaptation import Progress, report
 from .frame import CanonicalFrame
 from .geometry import Geometry
+from .parallel import cpu_workers, parallel_map
 
 THRESHOLD = 0.5
 CPU_CHUNK = 4096  # points per forward pass on the CPU: activations stay in the L2 cache
@@ -69,8 +71,11 @@ class OccupancyNetwork:
         points = canonical if count == len(canonical) else canonical[inside]
         points = torch.from_numpy(np.ascontiguousarray(points)).to(self.device)
         logits = torch.empty(count, dtype=torch.float32, device=self.device)
-        for start in range(0, count, self.chunk):
+
+        def run(start: int) -> None:
             logits[start:start + self.chunk] = self.logits(points[start:start + self.chunk])
+
+        parallel_map(run, range(0, count, self.chunk), cpu_workers(self.device))
         probabilities = torch.sigmoid_(logits).cpu().numpy()
         if count == len(canonical):
             result = probabilities

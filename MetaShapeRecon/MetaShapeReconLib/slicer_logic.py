@@ -597,7 +597,8 @@ def apply(job: ReconstructionJob, computed: ComputedReconstruction) -> Reconstru
     result = ReconstructionResult(segmentation_node_id=job.segmentation_node_id, segment_ids=[], output=job.output,
                                   reports=[o.report for o in computed.outputs], timings_s={}, prior=computed.prior_name,
                                   scene=scene)
-    if scene.GetUndoFlag():
+    if scene.GetUndoFlag():  # Slicer's scene undo is on: one undo step takes the whole change back
+        source_node.SetUndoEnabled(True)
         scene.SaveStateForUndo()
     inputs = {s.segment_id: s for s in job.segments}
     target_node = source_node
@@ -797,7 +798,8 @@ def detect_nvidia_gpus(timeout_s: float = 3.0) -> List[GpuInfo]:
     try:
         completed = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total",
                                     "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                                   timeout=timeout_s, check=False)
+                                   timeout=timeout_s, check=False,
+                                   creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))  # no console on Windows
     except (OSError, subprocess.SubprocessError):
         return []
     if completed.returncode != 0:

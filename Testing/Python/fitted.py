@@ -17,7 +17,6 @@ import tempfile
 from typing import Sequence
 
 import numpy as np
-
 from MetaShapeReconLib.geometry import Geometry
 from shapes import ellipsoid
 
@@ -118,7 +117,7 @@ def fit(prior, labels: np.ndarray, geometry: Geometry, slices: str, seed: int = 
     return Prior(prior.model, params, prior.inner_lr, card), losses + more
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fitted_sphere_prior() -> str:
     """Path of a prior file fitted to `sphere_case()` from all its axial planes."""
     from MetaShapeReconLib.prior import save_prior
@@ -132,7 +131,7 @@ def fitted_sphere_prior() -> str:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def untrained_prior_file() -> str:
     """Path of a SIREN-initialised prior file (for tests where the network's answer does not matter)."""
     from MetaShapeReconLib.prior import save_prior

@@ -6,7 +6,6 @@ import stat
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from fitted import OBLIQUE_DIRECTION, oblique_geometry
 from MetaShapeReconLib.errors import InputError
 from MetaShapeReconLib.geometry import Geometry
@@ -68,7 +67,6 @@ def test_labelmap_round_trip_keeps_values_and_oblique_geometry(tmp_path, suffix)
 
 
 def test_read_accepts_integer_types_and_whole_floats(tmp_path):
-    geometry = Geometry.create((4, 4, 4), (1, 1, 1))
     for pixel in (np.int16, np.uint16, np.int32, np.float32):
         array = np.zeros((4, 4, 4), pixel)
         array[1, 2, 3] = 300 if pixel != np.float32 else 2.0

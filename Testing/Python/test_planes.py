@@ -2,12 +2,10 @@
 
 import numpy as np
 import pytest
-
 from fitted import OBLIQUE_DIRECTION, grid_centre, rotation
 from MetaShapeReconLib.errors import InputError
 from MetaShapeReconLib.geometry import Geometry
-from MetaShapeReconLib.planes import (describe_planes, detect_planes, observed_mask, parse_slices,
-                                      select_planes)
+from MetaShapeReconLib.planes import describe_planes, detect_planes, observed_mask, parse_slices, select_planes
 from shapes import ellipsoid, sparse_planes
 
 

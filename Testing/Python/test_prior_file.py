@@ -7,15 +7,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from fitted import quick_prior
 from MetaShapeReconLib import prior as prior_module
 from MetaShapeReconLib.errors import InputError
 from MetaShapeReconLib.occupancy import OccupancyNetwork
-from MetaShapeReconLib.prior import (FORMAT_VERSION, list_bundled_priors, load_prior, resolve_prior_path,
-                                     save_prior)
+from MetaShapeReconLib.prior import FORMAT_VERSION, list_bundled_priors, load_prior, resolve_prior_path, save_prior
 from MetaShapeReconLib.siren import logits
+from safetensors.torch import load_file, save_file
 
 
 @pytest.fixture

@@ -617,3 +617,47 @@ def test_gpu_detection_and_slice_rules(monkeypatch, tmp_path):
     assert slices_spec("auto", 8, 3) == "auto"
     assert slices_spec("Sagittal", 8, 4) == "sagittal:8:4"
     assert slices_spec("axial", 4, 6) == "axial:4:2"
+
+
+@pytest.mark.parametrize("output", ["new_segment", "replace"])
+def test_scene_undo_takes_the_change_back(scene, quick_prior, blob_geometry, output):
+    left, right = two_blobs(blob_geometry)
+    volume = add_volume(scene, blob_geometry)
+    node = add_segmentation(scene, volume)
+    ids = [draw(node, volume, "left", sparse_planes(left, 0, 6, 2)), draw(node, volume, "right", right)]
+    before = snapshot(scene)
+    scene.SetUndoOn()
+    reconstruct_segment(node, ids[0], prior=quick_prior, output=output, show_3d=False)
+    assert snapshot(scene) != before
+    scene.Undo()
+    restored = scene.GetNodeByID(node.GetID())
+    assert [restored.GetSegmentation().GetNthSegmentID(i) for i in range(2)] == ids
+    assert restored.GetSegmentation().GetNumberOfSegments() == 2
+    for segment_id, truth in zip(ids, (sparse_planes(left, 0, 6, 2), right)):
+        assert np.array_equal(exported(scene, restored, segment_id, volume), truth.astype(np.uint8))
+
+
+def test_reference_volume_under_another_linear_transform(scene, blob_geometry):
+    """The output grid is expressed in the segmentation's frame, whatever transforms the nodes are under."""
+    volume = add_volume(scene, blob_geometry)
+    node = add_segmentation(scene, volume)
+    left, _ = two_blobs(blob_geometry)
+    left_id = draw(node, volume, "left", sparse_planes(left, 0, 6, 2))
+    shift = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 12.0)  # 12 mm towards R
+    shift.SetMatrixTransformToParent(matrix)
+    other = add_volume(scene, blob_geometry, "moved")
+    other.SetAndObserveTransformNodeID(shift.GetID())
+    job = prepare(node, left_id, other, prior="unused until compute")
+    expected = _ijk_to_ras(other).copy()
+    expected[0, 3] += 12.0
+    assert np.allclose(job.grid.matrix, expected)
+    # the same transform above both: nothing to compose
+    node.SetAndObserveTransformNodeID(shift.GetID())
+    assert np.allclose(prepare(node, left_id, other, prior="unused").grid.matrix, _ijk_to_ras(other))
+    # a non-linear transform between them is refused with a clear message
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+    node.SetAndObserveTransformNodeID(grid.GetID())
+    with pytest.raises(InputError, match="non-linear"):
+        prepare(node, left_id, other, prior="unused")

@@ -3,13 +3,12 @@
 import numpy as np
 import pytest
 import vtk
-from vtk.util import numpy_support
-
 from fitted import OBLIQUE_DIRECTION, grid_centre, oblique_geometry
 from MetaShapeReconLib.errors import InputError
 from MetaShapeReconLib.geometry import Geometry
 from MetaShapeReconLib.surface import SURFACE_SUFFIXES, boundary_edge_count, surface_from_labelmap, write_surface
 from shapes import ellipsoid
+from vtk.util import numpy_support
 
 READERS = {".vtk": vtk.vtkPolyDataReader, ".vtp": vtk.vtkXMLPolyDataReader, ".stl": vtk.vtkSTLReader,
            ".ply": vtk.vtkPLYReader, ".obj": vtk.vtkOBJReader}

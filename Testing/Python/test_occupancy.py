@@ -1,0 +1,133 @@
+"""Evaluating an adapted network on a grid: coarse-to-fine against dense, bounded blocks and chunks."""
+
+import numpy as np
+import pytest
+import torch
+from MetaShapeReconLib.adaptation import adapt_until_converged, to_tensors
+from MetaShapeReconLib.errors import Cancelled
+from MetaShapeReconLib.frame import CanonicalFrame
+from MetaShapeReconLib.geometry import Geometry
+from MetaShapeReconLib.occupancy import OccupancyNetwork, evaluate_grid
+from MetaShapeReconLib.prior import initial_prior
+from MetaShapeReconLib.reconstruct import dice
+from shapes import ellipsoid
+
+GRID = Geometry.create((128, 128, 128), (1.0, 1.0, 1.0), (-63.5, -63.5, -63.5))
+FRAME = CanonicalFrame((0.0, 0.0, 0.0), (64.0, 64.0, 64.0))
+RADII_MM = (40.0, 30.0, 20.0)
+OMEGA = 10.0
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A small SIREN fitted to an ellipsoid (about 1 s): (adapted weights, truth on GRID)."""
+    prior = initial_prior("ellipsoid", 128.0, omega_0=OMEGA, hidden_features=32, linear_layers=3)
+    rng = np.random.default_rng(0)
+    radii = np.array(RADII_MM) / 64.0
+    uniform = rng.uniform(-1, 1, (2048, 3))
+    within = rng.uniform(-1, 1, (2048, 3))
+    within = within[(within ** 2).sum(axis=1) <= 1.0][:512] * radii  # the ellipsoid's inside is small
+    points = np.concatenate([uniform, within]).astype(np.float32)
+    inside = ((points / radii) ** 2).sum(axis=1) <= 1.0
+    coords, target = to_tensors(points, inside.astype(np.float32), "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: one thread is faster, and immune to a busy machine
+    try:
+        params, losses = adapt_until_converged(prior.model, prior.params, coords, target, 0.0, 1e-2, 20, 150)
+    finally:
+        torch.set_num_threads(threads)
+    assert losses[-1] < 0.2 * losses[0]
+    return params, ellipsoid(GRID, (0.0, 0.0, 0.0), RADII_MM)
+
+
+def test_coarse_to_fine_matches_dense_with_far_fewer_evaluations(fitted):
+    params, truth = fitted
+    coarse = OccupancyNetwork(params, OMEGA)
+    dense = OccupancyNetwork(params, OMEGA)
+    by_refinement = evaluate_grid(coarse, FRAME, GRID, method="coarse-to-fine")
+    everywhere = evaluate_grid(dense, FRAME, GRID, method="dense")
+    assert by_refinement.dtype == np.uint8 and by_refinement.shape == GRID.size
+    assert dice(by_refinement, truth) >= 0.9  # the network did learn the ellipsoid
+    assert dice(by_refinement, everywhere) >= 0.999
+    assert dense.evaluated == 128 ** 3
+    assert coarse.evaluated * 8 <= dense.evaluated
+
+
+def test_blocks_and_chunks_bound_the_work(fitted, monkeypatch):
+    """A grid of 4 x 4 x 4 blocks and tiny chunks gives the same voxels, and no network call or
+    block ever holds more than its bound."""
+    params, _ = fitted
+    reference = evaluate_grid(OccupancyNetwork(params, OMEGA), FRAME, GRID, method="dense")
+    network = OccupancyNetwork(params, OMEGA, chunk=1000)
+    seen = {"logits": 0, "probabilities": 0}
+    logits, probabilities = network.logits, network.probabilities
+
+    def counting_logits(coords):
+        seen["logits"] = max(seen["logits"], len(coords))
+        return logits(coords)
+
+    def counting_probabilities(canonical):
+        seen["probabilities"] = max(seen["probabilities"], len(canonical))
+        return probabilities(canonical)
+
+    monkeypatch.setattr(network, "logits", counting_logits)
+    monkeypatch.setattr(network, "probabilities", counting_probabilities)
+    blocks = []
+    dense = evaluate_grid(network, FRAME, GRID, method="dense", block=32,
+                          progress=lambda done, total, _loss: blocks.append((done, total)))
+    assert np.array_equal(dense, reference)
+    assert seen["logits"] <= 1000
+    assert seen["probabilities"] <= 32 ** 3
+    assert blocks[-1] == (64, 64) and len(blocks) == 64
+
+    seen.update(logits=0, probabilities=0)
+    refined = evaluate_grid(network, FRAME, GRID, method="coarse-to-fine", block=32)
+    assert dice(refined, reference) >= 0.999
+    assert seen["logits"] <= 1000
+    assert seen["probabilities"] <= 33 ** 3
+
+
+def test_only_the_canonical_cube_is_evaluated(fitted):
+    """A grid far larger than the prior's frame: voxels outside it are background, unevaluated."""
+    params, _ = fitted
+    large = Geometry.create((200, 160, 180), (1.0, 1.0, 1.0), (-99.5, -79.5, -89.5))
+    network = OccupancyNetwork(params, OMEGA)
+    output = evaluate_grid(network, FRAME, large, method="dense")
+    inside = [slice(36, 164), slice(16, 144), slice(26, 154)]  # the 128 mm cube in this grid
+    assert network.evaluated == 128 ** 3
+    outside = output.copy()
+    outside[tuple(inside)] = 0
+    assert not outside.any()
+    assert np.array_equal(output[tuple(inside)], evaluate_grid(OccupancyNetwork(params, OMEGA), FRAME, GRID,
+                                                               method="dense"))
+
+
+def test_probabilities_outside_the_cube_are_zero(fitted):
+    params, _ = fitted
+    network = OccupancyNetwork(params, OMEGA)
+    points = np.array([[0.0, 0.0, 0.0], [1.5, 0.0, 0.0], [0.0, -2.0, 0.0], [0.1, 0.1, 0.1]], np.float32)
+    result = network.probabilities(points)
+    assert result.dtype == np.float32 and result.shape == (4,)
+    assert result[0] > 0.5 and result[1] == 0.0 and result[2] == 0.0
+    assert network.evaluated == 2
+
+
+def test_evaluation_is_the_same_with_one_or_two_threads(fitted):
+    params, _ = fitted
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = evaluate_grid(OccupancyNetwork(params, OMEGA), FRAME, GRID)
+        torch.set_num_threads(2)
+        pooled = evaluate_grid(OccupancyNetwork(params, OMEGA), FRAME, GRID)
+        assert torch.get_num_threads() == 2  # the worker threads leave the caller's setting alone
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(single, pooled)
+
+
+def test_cancel_between_blocks(fitted):
+    params, _ = fitted
+    with pytest.raises(Cancelled):
+        evaluate_grid(OccupancyNetwork(params, OMEGA), FRAME, GRID, block=64,
+                      progress=lambda done, total, _loss: done < 2)
