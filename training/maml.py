@@ -7,7 +7,7 @@ safetensors, so `--resume` continues where a run stopped.
 
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -64,6 +64,33 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: str) -> Dict[str, str
     return metadata
 
 
+def distributed() -> Tuple[int, int]:
+    """(rank, world size): under `torchrun`, join the process group (NCCL on GPUs, Gloo on CPUs)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def average_gradients_across_processes(optimizer: torch.optim.Optimizer) -> None:
+    """Data parallelism as DistributedDataParallel does it: every process meta-learns on its own
+    tasks, gradients are averaged before the (identical) optimiser step."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            if parameter.grad is not None:
+                dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+                parameter.grad /= dist.get_world_size()
+
+
 class MetaLearner:
     """Holds theta_0, the step sizes and the outer optimiser."""
 
@@ -108,6 +135,7 @@ class MetaLearner:
         objective = losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
+        average_gradients_across_processes(self.optimizer)
         if maml.get("grad_clip"):
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
                                            float(maml["grad_clip"]))
@@ -121,8 +149,11 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
     """Meta-train; returns the path of the best prior (by validation Dice after one step)."""
     os.makedirs(out_dir, exist_ok=True)
     maml = config["maml"]
+    rank, world = distributed()
     device = resolve_device(config["device"])
-    torch.manual_seed(int(config["seed"]))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(int(config["seed"]))  # the same theta_0 on every process
     if shapes is None:
         split = load_split(config)
         boundary = float(config["tasks"]["boundary_mm"])
@@ -145,8 +176,11 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
         best_dice, elapsed = -1.0, 0.0
     learner.card.setdefault("training", {})
 
-    rng = np.random.default_rng(int(config["seed"]) + start)
-    sampler = TaskSampler(config, seed=int(config["seed"]) + start)
+    task_seed = int(config["seed"]) + start + 100003 * rank  # each process draws its own tasks
+    rng = np.random.default_rng(task_seed)
+    sampler = TaskSampler(config, seed=task_seed)
+    if rank > 0:  # one process writes logs and checkpoints
+        return _follow(learner, config, shapes, rng, sampler, start)
     log = CsvLog(os.path.join(out_dir, "log.csv"), ["iteration", "loss", "loss_first_step", "loss_last_step",
                                                      "seconds", "first_order"])
     val_log = CsvLog(os.path.join(out_dir, "validation.csv"), ["iteration", "setting", "steps", "dice", "seconds"])
@@ -195,3 +229,13 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
 def _mean_by_steps(results: List[dict]) -> List[dict]:
     steps = sorted({r["steps"] for r in results})
     return [{"steps": s, "dice": float(np.mean([r["dice"] for r in results if r["steps"] == s]))} for s in steps]
+
+
+def _follow(learner: "MetaLearner", config: dict, shapes: List[Shape], rng, sampler, start: int) -> str:
+    """The outer loop of a process other than rank 0: same steps, no files."""
+    maml = config["maml"]
+    for iteration in range(start, int(maml["iterations"])):
+        chosen = [shapes[i] for i in rng.choice(len(shapes), size=int(maml["meta_batch"]),
+                                                replace=len(shapes) < int(maml["meta_batch"]))]
+        learner.outer_step(sampler.batch(chosen), iteration < int(maml["first_order_iterations"]))
+    return ""

@@ -308,8 +308,20 @@ def large_grids(truth, geometry, prior_spec: str, spacings, threads: int) -> str
                          f"{measured['foreground'] / 1e6:.2f} M"])
             print(f"  measured output grid {size} at {spacing:g} mm", flush=True)
     header = ["output grid", "spacing mm", "voxels", "network evaluations", "evaluated share",
-              "total s (evaluate s)", "peak RSS MiB (before)", "foreground voxels"]
+              "total s (evaluate s)", "peak RSS MiB (RSS before)", "foreground voxels"]
     return _table(header, rows)
+
+
+def _current_rss_bytes() -> Optional[float]:
+    """This process's resident memory now (Linux), or None."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return float(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return None
 
 
 def _large_child(folder: str) -> int:
@@ -328,16 +340,16 @@ def _large_child(folder: str) -> int:
     geometry = Geometry.create(g["size"], g["spacing"], g["origin"], g["direction"])
     output = Geometry.create(o["size"], o["spacing"], o["origin"], o["direction"])
     prior = initial_prior("untrained-siren", 128.0) if job["prior"] == "untrained" else load_prior(job["prior"])
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1.0 if sys.platform == "darwin" else 1024.0  # ru_maxrss: bytes on macOS, KiB on Linux
+    baseline = _current_rss_bytes() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     started = time.perf_counter()
     result = reconstruct(sparse, geometry, prior, steps=1, slices=job["slices"], device="cpu", output_geometry=output)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    scale = 1.0 if sys.platform == "darwin" else 1024.0  # ru_maxrss: bytes on macOS, KiB on Linux
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     print(json.dumps({"seconds": seconds, "evaluate": result.report["timings_s"]["evaluate"],
                       "evaluations": result.report["evaluation"]["network_evaluations"],
                       "foreground": int(result.report["output"]["foreground_voxels"]),
-                      "peak_rss_mib": peak * scale / 2**20, "baseline_rss_mib": baseline * scale / 2**20}))
+                      "peak_rss_mib": peak / 2**20, "baseline_rss_mib": baseline / 2**20}))
     return 0
 
 
