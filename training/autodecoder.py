@@ -13,9 +13,8 @@ from typing import Tuple
 
 import numpy as np
 import torch
-from torch import nn
-
 from MetaShapeReconLib.siren import reconstruction_loss
+from torch import nn
 
 from .data import TaskSampler, load_shapes, load_split
 from .logs import CsvLog

@@ -22,16 +22,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from scipy import ndimage
-
 from MetaShapeReconLib.adaptation import adapt, to_tensors
 from MetaShapeReconLib.baselines import fill_between_slices, signed_distance_interpolation
 from MetaShapeReconLib.frame import FrameSpec, centre_frame
 from MetaShapeReconLib.occupancy import OccupancyNetwork, evaluate_grid
-from MetaShapeReconLib.planes import ObservedPlanes, parse_slices, planes_from_rules
+from MetaShapeReconLib.planes import ObservedPlanes, planes_from_rules
 from MetaShapeReconLib.prior import Prior, load_prior
 from MetaShapeReconLib.reconstruct import _keep_drawn, dice, observed_context
 from MetaShapeReconLib.siren import logits, reconstruction_loss
+from scipy import ndimage
 
 from .config import load_config
 from .data import Shape, load_shapes, load_split

@@ -11,7 +11,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-
 from MetaShapeReconLib.adaptation import inner_step
 from MetaShapeReconLib.prior import Prior, initial_prior, load_prior, save_prior
 from MetaShapeReconLib.siren import logits, reconstruction_loss

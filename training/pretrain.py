@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import torch
-
 from MetaShapeReconLib.prior import load_prior, save_prior
 from MetaShapeReconLib.siren import logits, reconstruction_loss
 

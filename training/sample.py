@@ -10,9 +10,8 @@ import json
 import os
 
 import numpy as np
-
-from MetaShapeReconLib.labelmap_io import read_labelmap, write_labelmap
 from MetaShapeReconLib.geometry import Geometry
+from MetaShapeReconLib.labelmap_io import read_labelmap, write_labelmap
 
 LICENSE = """Sample derived from the KiTS19 challenge data (case {case}, {component} kidney,
 kidney + tumour labels merged), cropped; sparse.nii.gz keeps sagittal planes {rule}.

@@ -7,7 +7,6 @@ scratch) and in fast tests; `prepare` with `data.layout: synthetic` caches them 
 from typing import Iterator, Tuple
 
 import numpy as np
-
 from MetaShapeReconLib.geometry import Geometry
 
 

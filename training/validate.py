@@ -3,7 +3,6 @@
 from typing import List, Sequence
 
 import numpy as np
-
 from MetaShapeReconLib.planes import parse_slices, planes_from_rules
 from MetaShapeReconLib.reconstruct import dice, reconstruct
 

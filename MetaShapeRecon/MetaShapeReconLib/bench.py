@@ -312,16 +312,24 @@ def large_grids(truth, geometry, prior_spec: str, spacings, threads: int) -> str
     return _table(header, rows)
 
 
-def _current_rss_bytes() -> Optional[float]:
-    """This process's resident memory now (Linux), or None."""
+def _memory_status(field: str) -> Optional[float]:
+    """A /proc/self/status memory field in bytes (Linux: VmRSS now, VmHWM peak), or None."""
     try:
         with open("/proc/self/status") as handle:
             for line in handle:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return float(line.split()[1]) * 1024.0
     except OSError:
         pass
     return None
+
+
+def _peak_rss_bytes() -> float:
+    # VmHWM belongs to this process image; ru_maxrss survives exec and would include the parent's
+    peak = _memory_status("VmHWM")
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1.0 if sys.platform == "darwin" else 1024.0)
+    return peak
 
 
 def _large_child(folder: str) -> int:
@@ -340,12 +348,11 @@ def _large_child(folder: str) -> int:
     geometry = Geometry.create(g["size"], g["spacing"], g["origin"], g["direction"])
     output = Geometry.create(o["size"], o["spacing"], o["origin"], o["direction"])
     prior = initial_prior("untrained-siren", 128.0) if job["prior"] == "untrained" else load_prior(job["prior"])
-    scale = 1.0 if sys.platform == "darwin" else 1024.0  # ru_maxrss: bytes on macOS, KiB on Linux
-    baseline = _current_rss_bytes() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    baseline = _memory_status("VmRSS") or _peak_rss_bytes()
     started = time.perf_counter()
     result = reconstruct(sparse, geometry, prior, steps=1, slices=job["slices"], device="cpu", output_geometry=output)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    peak = _peak_rss_bytes()
     print(json.dumps({"seconds": seconds, "evaluate": result.report["timings_s"]["evaluate"],
                       "evaluations": result.report["evaluation"]["network_evaluations"],
                       "foreground": int(result.report["output"]["foreground_voxels"]),

@@ -41,9 +41,9 @@ def _fill_between_slices(sparse: np.ndarray, planes, geometry):
 
 def run_demo(prior_name: str = "kidney", output_dir: str = "demo-output", device: str = "auto") -> dict:
     from .labelmap_io import read_labelmap, write_labelmap
+    from .planes import select_planes
     from .prior import load_prior
     from .reconstruct import dice, reconstruct, structure_mask
-    from .planes import select_planes
     from .surface import surface_from_labelmap, write_surface
 
     folder = sample_dir()
@@ -133,7 +133,7 @@ def save_preview(path: str, drawn: np.ndarray, result: np.ndarray, truth: np.nda
     columns = len(picks) + (1 if rendering is not None else 0)
     figure, axes = plt.subplots(1, columns, figsize=(3.2 * columns, 3.6))
     for ax, index in zip(axes, picks):
-        def plane(volume):
+        def plane(volume, index=index):
             return np.take(volume, index, axis=axial).T
         ax.imshow(plane(truth), cmap="Greys", alpha=0.35, origin="lower")
         ax.contour(plane(result), levels=[0.5], colors="tab:red", linewidths=1.2)

@@ -70,17 +70,17 @@ class OccupancyNetwork:
             return result
         points = canonical if count == len(canonical) else canonical[inside]
         points = torch.from_numpy(np.ascontiguousarray(points)).to(self.device)
-        logits = torch.empty(count, dtype=torch.float32, device=self.device)
+        values = result if count == len(canonical) else np.empty(count, dtype=np.float32)
 
         def run(start: int) -> None:
-            logits[start:start + self.chunk] = self.logits(points[start:start + self.chunk])
+            # the whole chunk in the worker, sigmoid included: the calling thread starts no
+            # parallel PyTorch operation of its own between the workers' chunks
+            chunk = torch.sigmoid_(self.logits(points[start:start + self.chunk]))
+            values[start:start + len(chunk)] = chunk.cpu().numpy()
 
         parallel_map(run, range(0, count, self.chunk), cpu_workers(self.device))
-        probabilities = torch.sigmoid_(logits).cpu().numpy()
-        if count == len(canonical):
-            result = probabilities
-        else:
-            result[inside] = probabilities
+        if values is not result:
+            result[inside] = values
         self.evaluated += count
         return result
 

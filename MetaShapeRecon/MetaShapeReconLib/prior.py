@@ -12,19 +12,18 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 
+from .catalog import FORMAT, PRIORS_ENV, bundled_prior_dirs, list_bundled_priors  # noqa: F401 (re-exported)
 from .errors import InputError
 from .frame import FrameSpec
 from .siren import Siren
 
-FORMAT = "metashaperecon-prior"
 FORMAT_VERSION = 1
 WEIGHTS = "weights."
 INNER_LR = "inner_lr."
-PRIORS_ENV = "METASHAPERECON_PRIORS"
 
 DEFAULT_ADAPTATION = {
     "steps": 5,
@@ -139,26 +138,6 @@ def save_prior(prior: Prior, path: str) -> str:
         json.dump(card, handle, indent=2)
         handle.write("\n")
     return stem + ".json"
-
-
-def bundled_prior_dirs() -> List[str]:
-    """Where priors are looked up by name: $METASHAPERECON_PRIORS, then the bundled folders
-    (the source tree's Resources/Priors, and the module's Resources/Priors inside Slicer)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = [os.environ.get(PRIORS_ENV, ""),
-                  os.path.join(here, "..", "..", "Resources", "Priors"),
-                  os.path.join(here, "..", "Resources", "Priors")]
-    return [os.path.normpath(c) for c in candidates if c and os.path.isdir(c)]
-
-
-def list_bundled_priors() -> Dict[str, str]:
-    """{name: safetensors path} of every prior found by name."""
-    found: Dict[str, str] = {}
-    for folder in bundled_prior_dirs():
-        for entry in sorted(os.listdir(folder)):
-            if entry.endswith(".safetensors") and os.path.isfile(os.path.join(folder, entry[:-12] + ".json")):
-                found.setdefault(entry[:-12], os.path.join(folder, entry))
-    return found
 
 
 def resolve_prior_path(name_or_path: str) -> str:

@@ -15,7 +15,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .adaptation import (Progress, adapt, adapt_until_converged, report, sample_points, to_tensors)
+from .adaptation import Progress, adapt, adapt_until_converged, report, sample_points, to_tensors
 from .errors import InputError
 from .frame import CanonicalFrame, centre_frame, fits_in_frame, observed_foreground_points
 from .geometry import Geometry

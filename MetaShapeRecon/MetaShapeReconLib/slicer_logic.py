@@ -21,8 +21,6 @@ geometries are expressed in the segmentation node's own coordinate frame (below 
 transform), so the output lands exactly where the input segment is.
 """
 
-import json
-import os
 import queue
 import subprocess
 import threading
@@ -32,6 +30,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .catalog import list_bundled_priors, prior_card
 from .errors import Cancelled, InputError
 from .geometry import Geometry
 
@@ -718,49 +717,15 @@ def reconstruct_segment(segmentation_node, segment_id=None, reference_volume_nod
 # what the widget needs before torch is imported
 
 
-PRIOR_FORMAT = "metashaperecon-prior"
-PRIORS_ENV = "METASHAPERECON_PRIORS"
-
-
-def _prior_dirs() -> List[str]:
-    # the search order of prior.bundled_prior_dirs(), which cannot be imported without torch
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = [os.environ.get(PRIORS_ENV, ""), os.path.join(here, "..", "..", "Resources", "Priors"),
-                  os.path.join(here, "..", "Resources", "Priors")]
-    return [os.path.normpath(c) for c in candidates if c and os.path.isdir(c)]
-
-
-def prior_card(path: str) -> dict:
-    """The model card beside a prior file (.safetensors or its .json), read without torch.
-    Raises InputError when it is missing or not a MetaShapeRecon model card."""
-    stem = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
-    stem = stem[:-len(".json")] if stem.endswith(".json") else stem
-    for suffix in (".safetensors", ".json"):
-        if not os.path.isfile(stem + suffix):
-            raise InputError(f"prior file not found: {stem + suffix}")
-    try:
-        with open(stem + ".json", encoding="utf-8") as handle:
-            card = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise InputError(f"prior model card {stem}.json cannot be read ({error})") from None
-    if not isinstance(card, dict) or card.get("format") != PRIOR_FORMAT:
-        raise InputError(f"{stem}.json is not a MetaShapeRecon model card")
-    return card
-
-
 def available_priors() -> Dict[str, dict]:
     """{name: {"path": .safetensors path, "card": model card}} of the bundled priors (and those in
     $METASHAPERECON_PRIORS), read without importing torch so the module opens fast."""
     found: Dict[str, dict] = {}
-    for folder in _prior_dirs():
-        for entry in sorted(os.listdir(folder)):
-            if not entry.endswith(".safetensors") or entry[:-12] in found:
-                continue
-            path = os.path.join(folder, entry)
-            try:
-                found[entry[:-12]] = {"path": path, "card": prior_card(path)}
-            except InputError:
-                continue  # not a prior (or a broken one): load_prior will say why if asked for it
+    for name, path in list_bundled_priors().items():
+        try:
+            found[name] = {"path": path, "card": prior_card(path)}
+        except InputError:
+            continue  # not a prior (or a broken one): load_prior will say why if asked for it
     return found
 
 

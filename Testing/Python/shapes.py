@@ -3,7 +3,6 @@
 from typing import Sequence
 
 import numpy as np
-
 from MetaShapeReconLib.geometry import Geometry
 
 

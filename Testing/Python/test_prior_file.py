@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from fitted import quick_prior
-from MetaShapeReconLib import prior as prior_module
+from MetaShapeReconLib import catalog
 from MetaShapeReconLib.errors import InputError
 from MetaShapeReconLib.occupancy import OccupancyNetwork
 from MetaShapeReconLib.prior import FORMAT_VERSION, list_bundled_priors, load_prior, resolve_prior_path, save_prior
@@ -82,7 +82,7 @@ def test_find_by_name_in_the_priors_folder(saved, monkeypatch):
 
 
 def test_no_prior_bundled_says_so(monkeypatch):
-    monkeypatch.setattr(prior_module, "bundled_prior_dirs", lambda: [])
+    monkeypatch.setattr(catalog, "bundled_prior_dirs", lambda: [])
     with pytest.raises(InputError, match="no prior is bundled yet") as error:
         resolve_prior_path("kidney")
     assert "--prior" in str(error.value)

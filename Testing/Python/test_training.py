@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from MetaShapeReconLib.frame import CanonicalFrame, FrameSpec, centre_frame
 from MetaShapeReconLib.geometry import Geometry
 from MetaShapeReconLib.prior import load_prior
 from MetaShapeReconLib.reconstruct import observed_context
 from MetaShapeReconLib.siren import logits, reconstruction_loss
+
 from training.config import load_config
 from training.data import Shape, TaskSampler
 from training.maml import MetaLearner, new_prior, train_maml
