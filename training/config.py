@@ -70,10 +70,14 @@ DEFAULTS: Dict[str, Any] = {
     "checkpoint": {"every": 100},
     "evaluate": {
         "methods": ["maml", "pretrain", "autodecoder", "fill_between_slices", "sdf_interpolation"],
-        "settings": ["sagittal:8", "sagittal:16", "coronal:16", "axial:16", "orthogonal", "two_orientations"],
+        "settings": ["sagittal:8", "sagittal:16", "coronal:8", "coronal:16", "axial:8", "axial:16", "orthogonal",
+                     "two_orientations"],
+        # settings with the paper's whole protocol (1/50/100 steps, convergence, B.(i) and B.(ii));
+        # the others compare ours (1 and default steps) with the classic tools
+        "trajectory_settings": ["sagittal:8", "sagittal:16"],
         "steps": [1, 50, 100],
         "converge": {"patience": 10, "max_steps": 300},
-        "cases": 0,
+        "cases": 20,
     },
 }
 

@@ -37,7 +37,7 @@ from .data import Shape, load_shapes, load_split
 from .progress import progress_bar
 from .validate import sparse_input
 
-STEP_SCHEDULE = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 25, 30, 40, 50, 65, 80, 100, 125, 150, 200, 250, 300)
+STEP_SCHEDULE = (0, 1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 25, 30, 40, 50, 65, 80, 100, 125, 150, 200, 250, 300)
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -106,7 +106,8 @@ class Trajectory:
 
 
 def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_steps: int, adam_lr: float,
-                     record: Trajectory, max_steps: int, patience: int, frame, geometry, device) -> dict:
+                     record: Trajectory, max_steps: int, patience: int, frame, geometry, device,
+                     converge: bool = True) -> dict:
     """Meta-SGD steps (`meta_steps`, the prior's inner loop), then Adam until the context loss stops
     improving (or `max_steps`). Snapshots at record.record_steps and at convergence."""
     model = prior.model.to(device)
@@ -122,6 +123,8 @@ def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_
     best_loss, since_best, last_step = float("inf"), 0, 0
     current = None
     optimiser = None
+    if 0 in record.record_steps:
+        record.snapshot(0, params)  # the initialisation itself, before any step
     for step in range(1, max_steps + 1):
         started = time.perf_counter()
         if step <= meta_steps:
@@ -147,7 +150,8 @@ def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_
             record.snapshot(step, params)
         if since_best >= patience:
             break
-    record.snapshot(-last_step, params)  # negative steps mark "at convergence" (early stopping)
+    if converge:
+        record.snapshot(-last_step, params)  # negative steps mark "at convergence" (early stopping)
     return {"converged_steps": last_step}
 
 
@@ -158,6 +162,9 @@ def autodecoder_trajectory(model, coords, target, lr, latent_prior, record: Traj
     x, y = to_tensors(coords, target, device)
     record.evaluate = lambda latent: evaluate_grid(LatentField(model, latent), frame, geometry)
     state = {"best": float("inf"), "since": 0, "latent": None, "step": 0, "last": time.perf_counter()}
+    if 0 in record.record_steps:
+        record.snapshot(0, torch.zeros(model.latent_size, device=x.device))  # the mean shape (zero code)
+        state["last"] = time.perf_counter()
 
     def callback(step, latent, loss):
         record.adapt_seconds += time.perf_counter() - state["last"]
@@ -185,8 +192,10 @@ def evaluate_case(shape: Shape, setting: str, methods: Dict[str, object], config
         return []
     spacing = shape.geometry.spacing
     ev = config["evaluate"]
-    record_steps = sorted(set(STEP_SCHEDULE) | set(int(s) for s in ev["steps"]))
-    max_steps = int(ev["converge"]["max_steps"])
+    full = setting in ev["trajectory_settings"]  # the paper's protocol; elsewhere ours at 1 and default steps
+    default_steps = methods["maml"].default_steps if methods.get("maml") is not None else 1
+    record_steps = sorted(set(STEP_SCHEDULE) | set(int(s) for s in ev["steps"])) if full else [1, default_steps]
+    max_steps = int(ev["converge"]["max_steps"]) if full else default_steps
     patience = int(ev["converge"]["patience"])
     rows = []
 
@@ -202,7 +211,7 @@ def evaluate_case(shape: Shape, setting: str, methods: Dict[str, object], config
             add(name, [dict(metrics(output, shape.mask, spacing), steps=0, seconds=time.perf_counter() - started)])
     for name in ("maml", "pretrain"):
         prior = methods.get(name)
-        if prior is None:
+        if prior is None or (name != "maml" and not full):
             continue
         frame = centre_frame(prior.frame_spec, shape.geometry, shape.mask, planes)
         coords, target = observed_context(shape.mask, shape.geometry, planes, frame)
@@ -211,9 +220,9 @@ def evaluate_case(shape: Shape, setting: str, methods: Dict[str, object], config
         meta_steps = prior.default_steps if name == "maml" else 0
         adam_lr = float(prior.adaptation["auto"]["lr"]) if name == "maml" else float(config["pretrain"]["lr"])
         info = siren_trajectory(prior, coords[pick], target[pick], meta_steps, adam_lr, record, max_steps, patience,
-                                frame, shape.geometry, device)
+                                frame, shape.geometry, device, converge=full)
         add(name, record.rows, info)
-    if methods.get("autodecoder") is not None:
+    if methods.get("autodecoder") is not None and full:
         model, card = methods["autodecoder"]
         frame = centre_frame(FrameSpec.from_metadata(card["frame"]), shape.geometry, shape.mask, planes)
         coords, target = observed_context(shape.mask, shape.geometry, planes, frame)
@@ -295,7 +304,7 @@ def _at_step(rows, method, setting, step, key="dice"):
         return [r[key] for r in rows if r["method"] == method and r["setting"] == setting and r["steps"] < 0]
     values = []
     for shape in sorted({r["shape"] for r in _select(rows, method=method, setting=setting)}):
-        trajectory = [r for r in _select(rows, method=method, setting=setting, shape=shape) if r["steps"] > 0]
+        trajectory = [r for r in _select(rows, method=method, setting=setting, shape=shape) if r["steps"] >= 0]
         done = [r for r in trajectory if r["steps"] <= step]
         if done:  # stopped early: the converged result stands for later steps
             values.append(max(done, key=lambda r: r["steps"])[key])
@@ -375,13 +384,13 @@ def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config:
             f"{NAMES[m] if m != 'maml' else f'Ours ({default_steps} steps)'} {t:.2f} s" for m, t in times.items()), ""]
     summary["median_seconds"] = times
 
-    for setting in [s for s in settings if s.startswith("sagittal")]:
-        lines += [f"## Table 2 — Dice, {setting}", "", "| method | DSC_1 | DSC_50 | DSC_100 | DSC_conv | steps to conv |",
-                  "|---|---|---|---|---|---|"]
+    for setting in [s for s in settings if s in config["evaluate"]["trajectory_settings"]]:
+        lines += [f"## Table 2 — Dice, {setting}", "",
+                  "| method | DSC_0 | DSC_1 | DSC_50 | DSC_100 | DSC_conv | steps to conv |", "|---|---|---|---|---|---|---|"]
         for method in learned:
             conv_steps = [-r["steps"] for r in rows if r["method"] == method and r["setting"] == setting and r["steps"] < 0]
             lines.append(f"| {NAMES[method]} | " + " | ".join(_mean_std(_at_step(rows, method, setting, s))
-                                                                for s in (1, 50, 100, "conv"))
+                                                                for s in (0, 1, 50, 100, "conv"))
                          + f" | {_mean_std(conv_steps)} |")
         lines += ["", f"## Table 6 — ASD (mm), {setting}", "", "| method | ASD_1 | ASD_100 | HD95_1 | HD95_100 |",
                   "|---|---|---|---|---|"]
@@ -398,7 +407,7 @@ def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config:
                 lines.append(f"| {NAMES[method]} | {_format_reach(steps)} | {_format_reach(seconds, ' s')} |")
             lines.append("")
 
-    other = [s for s in settings if not s.startswith("sagittal:8")]
+    other = [s for s in settings if s in config["evaluate"]["trajectory_settings"] and s != "sagittal:8"]
     if other and learned:
         lines += ["## Table 3 — other inputs (Dice after 1 and 100 steps)", "",
                   "| method | " + " | ".join(f"{s} DSC_1 | {s} DSC_100" for s in other) + " |",

@@ -1,7 +1,7 @@
 """`metashaperecon demo`: reconstruct the bundled held-out kidney and compare with its truth.
 
 Writes the reconstruction, its surface and a PNG (drawn planes, result and truth on a few
-slices, and a rendering of the surface when VTK can render offscreen).
+slices, and a rendering of the surface).
 """
 
 import json
@@ -82,40 +82,21 @@ def run_demo(prior_name: str = "kidney", output_dir: str = "demo-output", device
     return report
 
 
-def _render_surface(surface, size=(480, 480)) -> Optional[np.ndarray]:
-    """An offscreen rendering of the surface as an RGB array, or None where VTK cannot render."""
-    try:
-        import vtk
-        from vtk.util import numpy_support
+def _surface_triangles(surface, target: int = 6000) -> Optional[np.ndarray]:
+    """(T, 3, 3) triangle corners of the surface, decimated for drawing."""
+    import vtk
+    from vtk.util import numpy_support
 
-        mapper = vtk.vtkPolyDataMapper()
-        mapper.SetInputData(surface)
-        actor = vtk.vtkActor()
-        actor.SetMapper(mapper)
-        actor.GetProperty().SetColor(0.85, 0.55, 0.45)
-        renderer = vtk.vtkRenderer()
-        renderer.AddActor(actor)
-        renderer.SetBackground(1, 1, 1)
-        window = vtk.vtkRenderWindow()
-        window.SetOffScreenRendering(1)
-        window.AddRenderer(renderer)
-        window.SetSize(*size)
-        camera = renderer.GetActiveCamera()
-        camera.SetViewUp(0, 0, 1)  # superior up
-        camera.SetPosition(0, -1, 0)  # seen from the front (anterior is -y in LPS)
-        camera.SetFocalPoint(0, 0, 0)
-        renderer.ResetCamera()
-        window.Render()
-        grab = vtk.vtkWindowToImageFilter()
-        grab.SetInput(window)
-        grab.Update()
-        image = grab.GetOutput()
-        width, height, _ = image.GetDimensions()
-        pixels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(height, width, -1)
-        window.Finalize()
-        return pixels[::-1, :, :3]
-    except Exception:  # no OpenGL context here: the slices alone still tell the story
+    if surface.GetNumberOfCells() == 0:
         return None
+    decimate = vtk.vtkQuadricDecimation()
+    decimate.SetInputData(surface)
+    decimate.SetTargetReduction(max(0.0, 1.0 - target / surface.GetNumberOfCells()))
+    decimate.Update()
+    mesh = decimate.GetOutput()
+    points = numpy_support.vtk_to_numpy(mesh.GetPoints().GetData())
+    cells = numpy_support.vtk_to_numpy(mesh.GetPolys().GetData()).reshape(-1, 4)[:, 1:]
+    return points[cells]
 
 
 def save_preview(path: str, drawn: np.ndarray, result: np.ndarray, truth: np.ndarray, geometry, surface) -> bool:
@@ -126,16 +107,20 @@ def save_preview(path: str, drawn: np.ndarray, result: np.ndarray, truth: np.nda
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    axial = geometry.patient_axis_order()[2]
+    order = geometry.patient_axis_order()
+    axial = order[2]
     present = np.nonzero(truth.any(axis=tuple(a for a in range(3) if a != axial)))[0]
     picks = np.linspace(present[0], present[-1], 6)[1:-1].astype(int)
-    rendering = _render_surface(surface)
-    columns = len(picks) + (1 if rendering is not None else 0)
-    figure, axes = plt.subplots(1, columns, figsize=(3.2 * columns, 3.6))
+    triangles = _surface_triangles(surface)
+    columns = len(picks) + (1 if triangles is not None else 0)
+    figure = plt.figure(figsize=(3.2 * columns, 3.6))
+    axes = [figure.add_subplot(1, columns, i + 1) for i in range(len(picks))]
     for ax, index in zip(axes, picks):
-        def plane(volume, index=index):
-            return np.take(volume, index, axis=axial).T
-        ax.imshow(plane(truth), cmap="Greys", alpha=0.35, origin="lower")
+        def plane(volume, index=index):  # rows along A-P, columns along L-R
+            remaining = [a for a in range(3) if a != axial]
+            slab = np.take(volume, index, axis=axial)
+            return slab.T if remaining[0] == order[0] else slab
+        ax.imshow(plane(truth), cmap="Greys", alpha=0.35, origin="upper")
         ax.contour(plane(result), levels=[0.5], colors="tab:red", linewidths=1.2)
         ax.contour(plane(truth), levels=[0.5], colors="tab:green", linewidths=1.0, linestyles="dashed")
         drawn_rows = np.nonzero(plane(drawn))
@@ -143,10 +128,23 @@ def save_preview(path: str, drawn: np.ndarray, result: np.ndarray, truth: np.nda
         ax.set_title(f"axial slice {index}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    if rendering is not None:
-        axes[-1].imshow(rendering)
-        axes[-1].set_title("surface", fontsize=9)
-        axes[-1].axis("off")
+    if triangles is not None:  # drawn with matplotlib: no OpenGL needed on a headless machine
+        from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+
+        ax3d = figure.add_subplot(1, columns, columns, projection="3d")
+        ras = triangles * np.array([-1.0, -1.0, 1.0])  # LPS -> RAS, as Slicer shows it
+        normals = np.cross(ras[:, 1] - ras[:, 0], ras[:, 2] - ras[:, 0])
+        normals /= np.linalg.norm(normals, axis=1, keepdims=True) + 1e-12
+        shade = 0.35 + 0.65 * np.clip(normals @ np.array([0.3, -0.6, 0.75]), 0, 1)
+        faces = Poly3DCollection(ras, facecolors=np.outer(shade, [0.85, 0.5, 0.4]), edgecolor="none")
+        ax3d.add_collection3d(faces)
+        low, high = ras.reshape(-1, 3).min(axis=0), ras.reshape(-1, 3).max(axis=0)
+        middle, half = (low + high) / 2, (high - low).max() / 2
+        for setter, centre in zip((ax3d.set_xlim, ax3d.set_ylim, ax3d.set_zlim), middle):
+            setter(centre - half, centre + half)
+        ax3d.view_init(elev=10, azim=-90)  # from the front (anterior), superior up
+        ax3d.set_axis_off()
+        ax3d.set_title("surface (anterior view)", fontsize=9)
     figure.suptitle("blue: drawn planes (sparse input)   red: reconstruction   green dashed: truth", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

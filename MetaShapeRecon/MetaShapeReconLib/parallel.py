@@ -48,8 +48,9 @@ def parallel_map(function: Callable[[Item], Result], items: Sequence[Item], work
     """[function(item) for item in items], on `workers` threads that each run PyTorch with one
     thread. The calling thread's PyTorch thread count is left as it was."""
     items = list(items)
-    if workers <= 1 or len(items) <= 1:
+    if workers <= 1 or not items:
         return [function(item) for item in items]
+    # a single item goes to a worker too: run here, it would use the caller's intra-op threads
     threads = torch.get_num_threads()
 
     def single_threaded(item):

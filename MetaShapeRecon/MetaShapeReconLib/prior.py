@@ -130,6 +130,9 @@ def save_prior(prior: Prior, path: str) -> str:
     tensors = {WEIGHTS + k: v.detach().float().cpu().contiguous() for k, v in prior.params.items()}
     tensors.update({INNER_LR + k: v.detach().float().cpu().contiguous() for k, v in prior.inner_lr.items()})
     save_file(tensors, stem + ".safetensors", metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stem + ".safetensors", 0o666 & ~umask)  # safetensors writes it private
     card = dict(prior.card)
     card["format"], card["format_version"] = FORMAT, FORMAT_VERSION
     card["architecture"] = prior.model.architecture()

@@ -183,6 +183,7 @@ def test_smoke_run_every_method_on_real_kidneys(data_dir, tmp_path):
         "--pretrain", str(tmp_path / "pretrain" / "checkpoint.safetensors"),
         "--autodecoder", str(tmp_path / "autodecoder" / "checkpoint.safetensors"),
         "--set", 'evaluate.settings=["sagittal:16", "orthogonal"]', "--set", "evaluate.converge.max_steps=3",
+        "--set", 'evaluate.trajectory_settings=["sagittal:16"]',
         "--out", str(out))
     table = (out / "results.md").read_text()
     for name in ("Ours (meta-learned)", "B.(ii) pre-trained", "B.(i) auto-decoder", "Fill between slices",
