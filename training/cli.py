@@ -1,4 +1,4 @@
-"""`python -m training <command>`: prepare, train, evaluate, export.
+"""`python -m training <command>`: prepare, train, evaluate, export (and publish).
 
 Each command reads a YAML config (defaults: training/config.py) and `--set key.path=value`
 overrides, e.g.
@@ -51,7 +51,16 @@ def main(argv=None) -> int:
     export.add_argument("--results", help="evaluation folder whose tables go into the model card")
     export.add_argument("--out", default="Resources/Priors")
 
+    publish = commands.add_parser("publish", help="gather evaluation folders into docs/RESULTS.md")
+    publish.add_argument("--results", nargs="+", required=True, metavar="NAME=FOLDER")
+    publish.add_argument("--out", default="docs")
+
     args = parser.parse_args(argv)
+    if args.command == "publish":
+        from .publish import publish as publish_results
+
+        print(publish_results(args.results, args.out))
+        return 0
     config = load_config(args.config, args.overrides)
     if int(config.get("threads") or 0) > 0:
         import torch

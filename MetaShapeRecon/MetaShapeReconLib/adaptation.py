@@ -47,8 +47,8 @@ def inner_step(model: Siren, params: Mapping[str, torch.Tensor], inner_lr: Mappi
 # --- the same step, faster, for reconstruction time ------------------------------------------
 # Profiled on a 2-core CPU, `inner_step` spends most of its time in autograd's element-wise work
 # on (points x 128) activations: omega * (Wx + b) and its backward, sine's backward. Folding
-# omega into the (128 x 128) weights and back-propagating through the sine layers by hand halves
-# a step. The loss's gradient still comes from `reconstruction_loss` itself (autograd on the
+# omega into the (128 x 128) weights and back-propagating through the sine layers by hand makes
+# a step 1.4-2x faster (docs/PERFORMANCE.md). The loss's gradient still comes from `reconstruction_loss` itself (autograd on the
 # logits), so there is one definition of the loss; `Testing/Python/test_fast_adaptation.py`
 # checks this step against `inner_step`.
 
