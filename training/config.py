@@ -65,7 +65,7 @@ DEFAULTS: Dict[str, Any] = {
         "latent_prior": 1.0e-4, "iterations": 3000, "batch_shapes": 8,
         "test_lr": 1.0e-2,
     },
-    "adaptation": {"steps": 5, "context_points": 16384},
+    "adaptation": {"steps": 5, "context_points": 8192},
     "validation": {"every": 250, "cases": 12, "slices": "sagittal:8"},
     "checkpoint": {"every": 100},
     "evaluate": {

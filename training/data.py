@@ -13,8 +13,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from MetaShapeReconLib.frame import FrameSpec, centre_frame
 from MetaShapeReconLib.geometry import PATIENT_AXES, Geometry
+from MetaShapeReconLib.pipeline import observed_context
 from MetaShapeReconLib.planes import ObservedPlanes, image_axis, planes_from_rules
-from MetaShapeReconLib.reconstruct import observed_context
 from scipy import ndimage
 
 

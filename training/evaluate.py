@@ -26,9 +26,9 @@ from MetaShapeReconLib.adaptation import adapt, to_tensors
 from MetaShapeReconLib.baselines import fill_between_slices, signed_distance_interpolation
 from MetaShapeReconLib.frame import FrameSpec, centre_frame
 from MetaShapeReconLib.occupancy import OccupancyNetwork, evaluate_grid
+from MetaShapeReconLib.pipeline import dice, keep_drawn_planes, observed_context
 from MetaShapeReconLib.planes import ObservedPlanes, planes_from_rules
 from MetaShapeReconLib.prior import Prior, load_prior
-from MetaShapeReconLib.reconstruct import _keep_drawn, dice, observed_context
 from MetaShapeReconLib.siren import logits, reconstruction_loss
 from scipy import ndimage
 
@@ -100,7 +100,7 @@ class Trajectory:
         started = time.perf_counter()
         output = self.evaluate(state)
         if self.planes is not None:
-            _keep_drawn(output, self.truth, self.planes)  # as the product does: the drawing stands
+            keep_drawn_planes(output, self.truth, self.planes)  # as the product does: the drawing stands
         seconds = self.adapt_seconds + time.perf_counter() - started
         self.rows.append(dict(metrics(output, self.truth, self.spacing), steps=step, seconds=seconds))
 

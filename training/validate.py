@@ -3,8 +3,8 @@
 from typing import List, Sequence
 
 import numpy as np
+from MetaShapeReconLib.pipeline import dice, reconstruct
 from MetaShapeReconLib.planes import parse_slices, planes_from_rules
-from MetaShapeReconLib.reconstruct import dice, reconstruct
 
 
 def sparse_input(mask: np.ndarray, planes) -> np.ndarray:

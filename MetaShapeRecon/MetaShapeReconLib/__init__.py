@@ -22,7 +22,7 @@ _EXPORTS = {
     "FrameSpec": "frame", "CanonicalFrame": "frame", "centre_frame": "frame",
     "select_planes": "planes", "detect_planes": "planes",
     "adapt": "adaptation", "inner_step": "adaptation",
-    "reconstruct": "reconstruct", "Reconstruction": "reconstruct", "dice": "reconstruct",
+    "reconstruct": "pipeline", "Reconstruction": "pipeline", "dice": "pipeline",
     "surface_from_labelmap": "surface", "write_surface": "surface",
     "reconstruct_segment": "slicer_logic",
 }

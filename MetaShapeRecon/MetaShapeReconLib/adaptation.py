@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from .errors import Cancelled
-from .parallel import cpu_workers, parallel_map
 from .siren import Params, Siren, logits, reconstruction_loss
 
 Progress = Callable[[int, int, Optional[float]], bool]
@@ -44,104 +43,14 @@ def inner_step(model: Siren, params: Mapping[str, torch.Tensor], inner_lr: Mappi
     return {k: params[k] - inner_lr[k] * grads[k] for k in params}, loss
 
 
-# --- the same step, faster, for reconstruction time ------------------------------------------
-# Profiled on a 2-core CPU, `inner_step` spends most of its time in autograd's element-wise work
-# on (points x 128) activations: omega * (Wx + b) and its backward, sine's backward. Folding
-# omega into the (128 x 128) weights and back-propagating through the sine layers by hand makes
-# a step 1.4-2x faster (docs/PERFORMANCE.md). The loss's gradient still comes from `reconstruction_loss` itself (autograd on the
-# logits), so there is one definition of the loss; `Testing/Python/test_fast_adaptation.py`
-# checks this step against `inner_step`.
-
-_MIN_POINTS_PER_WORKER = 2048  # fewer points per worker: thread hand-over costs more than it saves
-
-
-def _siren_layer_names(model, params: Mapping[str, torch.Tensor]) -> Optional[List[Tuple[str, str]]]:
-    """[(weight name, bias name)] per linear layer when `params` are a plain SIREN's weights that
-    need no gradient of their own (reconstruction, not meta-training); otherwise None."""
-    layers = getattr(model, "layers", None)
-    if not isinstance(model, Siren) or layers is None:
-        return None
-    names = [(f"layers.{i}.weight", f"layers.{i}.bias") for i in range(len(layers))]
-    if set(params) != {n for pair in names for n in pair}:
-        return None
-    if any(v.requires_grad for v in params.values()):
-        return None
-    return names
-
-
-@torch.no_grad()
-def siren_inference_step(model: Siren, params: Mapping[str, torch.Tensor], inner_lr: Mapping[str, torch.Tensor],
-                         coords: torch.Tensor, target: torch.Tensor, weight_decay: float
-                         ) -> Tuple[Params, torch.Tensor]:
-    """`inner_step` for a SIREN without a graph to differentiate through (same result up to
-    float rounding): forward with omega folded into the weights, backward by hand, the points
-    split over the CPU workers of `parallel.py`."""
-    names = _siren_layer_names(model, params)
-    if names is None:
-        raise ValueError("siren_inference_step needs a Siren's own parameters, without gradients")
-    omega = float(model.omega_0)
-    last = len(names) - 1
-    scales = [omega if i < last else 1.0 for i in range(len(names))]
-    weights = [params[w] * s for (w, _), s in zip(names, scales)]
-    weights_t = [w.t() for w in weights]
-    biases = [params[b] * s for (_, b), s in zip(names, scales)]
-    workers = min(cpu_workers(coords.device), max(1, len(coords) // _MIN_POINTS_PER_WORKER))
-    bounds = np.linspace(0, len(coords), workers + 1).astype(int)
-    parts = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-
-    def forward(part: slice):
-        with torch.no_grad():  # grad mode is per thread
-            h = coords[part]
-            inputs, pre_activations = [h], []
-            for i in range(last):
-                a = torch.addmm(biases[i], h, weights_t[i])
-                pre_activations.append(a)
-                h = torch.sin(a)
-                inputs.append(h)
-            return torch.addmm(biases[last], h, weights_t[last]).squeeze(-1), inputs, pre_activations
-
-    passes = parallel_map(forward, parts, workers)
-    logit = torch.cat([p[0] for p in passes]) if len(passes) > 1 else passes[0][0]
-    with torch.enable_grad():
-        logit_leaf = logit.detach().requires_grad_(True)
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        loss = reconstruction_loss(logit_leaf, target, leaves, weight_decay)
-        ordered = [n for pair in names for n in pair]
-        grad_logit, *grad_direct = torch.autograd.grad(loss, [logit_leaf] + [leaves[n] for n in ordered],
-                                                       allow_unused=True)  # no weight decay: unused
-
-    def backward(index: int):
-        with torch.no_grad():
-            _, inputs, pre_activations = passes[index]
-            g = grad_logit[parts[index]].unsqueeze(-1)  # dL/d(pre-activation) of the layer, (points, out)
-            layer_grads = [None] * len(names)
-            for i in range(last, -1, -1):
-                layer_grads[i] = (g.t() @ inputs[i], g.sum(0))
-                if i > 0:
-                    g = (g @ weights[i]).mul_(pre_activations[i - 1].cos_())
-            return layer_grads
-
-    partials = parallel_map(backward, list(range(len(parts))), workers)
-    grads = {n: torch.zeros_like(params[n]) if g is None else g  # the weight-decay term's gradient
-             for n, g in zip(ordered, grad_direct)}
-    for i, (weight_name, bias_name) in enumerate(names):
-        grads[weight_name] = grads[weight_name] + scales[i] * sum(p[i][0] for p in partials)
-        grads[bias_name] = grads[bias_name] + scales[i] * sum(p[i][1] for p in partials)
-    return {k: params[k] - inner_lr[k] * grads[k] for k in params}, loss.detach()
-
-
 def adapt(model: Siren, params: Mapping[str, torch.Tensor], inner_lr: Mapping[str, torch.Tensor],
           coords: torch.Tensor, target: torch.Tensor, steps: int, weight_decay: float,
           progress: Optional[Progress] = None) -> Tuple[Params, List[float]]:
     """`steps` inner-loop steps; returns the adapted weights and the loss before each step."""
     losses = []
     params = dict(params)
-    fast = _siren_layer_names(model, params) is not None
     for step in range(steps):
-        if fast:
-            params, loss = siren_inference_step(model, params, inner_lr, coords, target, weight_decay)
-        else:
-            params, loss = inner_step(model, params, inner_lr, coords, target, weight_decay)
+        params, loss = inner_step(model, params, inner_lr, coords, target, weight_decay)
         params = {k: v.detach() for k, v in params.items()}
         losses.append(float(loss.detach()))
         report(progress, step + 1, steps, losses[-1])

@@ -60,7 +60,7 @@ def _checked_inputs(sparse_mask: np.ndarray, planes: PlanesLike, geometry: Optio
     return drawn, checked, spacing
 
 
-def _keep_drawn(output: np.ndarray, drawn: np.ndarray, planes: dict) -> np.ndarray:
+def keep_drawn_planes(output: np.ndarray, drawn: np.ndarray, planes: dict) -> np.ndarray:
     for axis, indices in planes.items():
         index = [slice(None)] * 3
         index[axis] = indices
@@ -128,7 +128,7 @@ def fill_between_slices(sparse_mask: np.ndarray, planes: PlanesLike,
     if "error" in outcome:
         raise outcome["error"]
     output = (outcome["labels"] != 0).astype(np.uint8)
-    return _keep_drawn(output, drawn, checked).astype(np.uint8)
+    return keep_drawn_planes(output, drawn, checked).astype(np.uint8)
 
 
 # --- shape-based (signed distance) interpolation ---------------------------------------------
@@ -210,4 +210,4 @@ def signed_distance_interpolation(sparse_mask: np.ndarray, planes: PlanesLike,
     inside[defined] = total[defined] < 0  # the mean is negative where the sum is
     output = np.zeros(drawn.shape, dtype=np.uint8)
     output[box] = inside
-    return _keep_drawn(output, drawn, checked)
+    return keep_drawn_planes(output, drawn, checked)

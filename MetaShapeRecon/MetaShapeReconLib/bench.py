@@ -227,7 +227,7 @@ def _table(header: List[str], rows: List[List[str]]) -> str:
 def compare_methods(truth, geometry, prior, trained: bool, settings, repeats: int, device: str = "cpu"):
     """Rows of the main table: ours (1 step, default steps), Fill between slices, SDF interpolation."""
     from .baselines import fill_between_slices, signed_distance_interpolation
-    from .reconstruct import dice, reconstruct
+    from .pipeline import dice, reconstruct
 
     rows, networks = [], {}
     for axis_name, step in settings:
@@ -254,7 +254,7 @@ def compare_methods(truth, geometry, prior, trained: bool, settings, repeats: in
 
 def compare_evaluation(truth, geometry, prior, trained: bool, spec: str, steps: int, repeats: int):
     """Coarse-to-fine against dense evaluation of the same adapted network."""
-    from .reconstruct import dice, reconstruct
+    from .pipeline import dice, reconstruct
 
     sparse, _, _ = sparse_input(truth, geometry, *_parse_setting(spec))
     results, rows = {}, []
@@ -336,8 +336,8 @@ def _large_child(folder: str) -> int:
     """Reconstruct one large grid (a subprocess of `large_grids`) and print one JSON line."""
     import torch
 
+    from .pipeline import reconstruct
     from .prior import initial_prior, load_prior
-    from .reconstruct import reconstruct
 
     with open(os.path.join(folder, "job.json")) as handle:
         job = json.load(handle)
@@ -363,7 +363,7 @@ def _large_child(folder: str) -> int:
 def gpu_section(truth, geometry, prior, trained: bool, device: str, repeats: int) -> str:
     import torch
 
-    from .reconstruct import dice, reconstruct
+    from .pipeline import dice, reconstruct
 
     sparse, _, spec = sparse_input(truth, geometry, "sagittal", 8)
     rows = []
@@ -402,7 +402,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run(args) -> int:
     import torch
 
-    from .reconstruct import resolve_device
+    from .pipeline import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

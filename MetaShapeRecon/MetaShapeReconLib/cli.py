@@ -89,8 +89,8 @@ def add_reconstruction_options(parser: argparse.ArgumentParser) -> None:
 
 def run_reconstruct(args) -> dict:
     from .labelmap_io import LABELMAP_SUFFIXES, atomic_output, check_writable, read_labelmap, write_labelmap
+    from .pipeline import reconstruct, resolve_device
     from .prior import load_prior
-    from .reconstruct import reconstruct, resolve_device
     from .surface import SURFACE_SUFFIXES, surface_from_labelmap, write_surface
 
     check_writable(args.output, "output", LABELMAP_SUFFIXES)

@@ -41,9 +41,9 @@ def _fill_between_slices(sparse: np.ndarray, planes, geometry):
 
 def run_demo(prior_name: str = "kidney", output_dir: str = "demo-output", device: str = "auto") -> dict:
     from .labelmap_io import read_labelmap, write_labelmap
+    from .pipeline import dice, reconstruct, structure_mask
     from .planes import select_planes
     from .prior import load_prior
-    from .reconstruct import dice, reconstruct, structure_mask
     from .surface import surface_from_labelmap, write_surface
 
     folder = sample_dir()

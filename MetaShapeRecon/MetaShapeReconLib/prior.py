@@ -27,7 +27,7 @@ INNER_LR = "inner_lr."
 
 DEFAULT_ADAPTATION = {
     "steps": 5,
-    "context_points": 16384,
+    "context_points": 8192,
     "weight_decay": 100.0,
     "auto": {"optimizer": "adam", "lr": 1e-4, "patience": 10, "max_steps": 1000},
 }

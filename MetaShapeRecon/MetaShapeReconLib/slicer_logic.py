@@ -413,7 +413,7 @@ def compute(job: ReconstructionJob, progress: Optional[Progress] = None,
     progress(step, total, loss) -> bool counts the steps of all segments together and may cancel
     by returning False (raises Cancelled); on_segment(index, count, name) announces each segment.
     Engine errors come back as InputError naming the segment."""
-    from .reconstruct import reconstruct
+    from .pipeline import reconstruct
 
     started = time.perf_counter()
     prior = _load(job.prior)

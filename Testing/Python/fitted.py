@@ -93,9 +93,9 @@ def fit(prior, labels: np.ndarray, geometry: Geometry, slices: str, seed: int = 
 
     from MetaShapeReconLib.adaptation import adapt, adapt_until_converged, sample_points, to_tensors
     from MetaShapeReconLib.frame import centre_frame
+    from MetaShapeReconLib.pipeline import observed_context, structure_mask
     from MetaShapeReconLib.planes import select_planes
     from MetaShapeReconLib.prior import Prior
-    from MetaShapeReconLib.reconstruct import observed_context, structure_mask
 
     settings = prior.adaptation
     mask = structure_mask(labels)

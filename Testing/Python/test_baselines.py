@@ -6,7 +6,7 @@ import pytest
 from MetaShapeReconLib.baselines import fill_between_slices, signed_distance_interpolation
 from MetaShapeReconLib.errors import InputError
 from MetaShapeReconLib.geometry import Geometry
-from MetaShapeReconLib.reconstruct import dice
+from MetaShapeReconLib.pipeline import dice
 from shapes import ellipsoid, sparse_planes
 
 

@@ -14,8 +14,8 @@ from fitted import OBLIQUE_DIRECTION, fitted_sphere_prior, grid_centre, run_cli,
 from MetaShapeReconLib import cli
 from MetaShapeReconLib.geometry import Geometry
 from MetaShapeReconLib.labelmap_io import read_labelmap, write_labelmap
+from MetaShapeReconLib.pipeline import dice
 from MetaShapeReconLib.prior import list_bundled_priors
-from MetaShapeReconLib.reconstruct import dice
 from MetaShapeReconLib.surface import boundary_edge_count
 from shapes import ellipsoid, sparse_planes
 

@@ -8,8 +8,8 @@ from MetaShapeReconLib.errors import Cancelled
 from MetaShapeReconLib.frame import CanonicalFrame
 from MetaShapeReconLib.geometry import Geometry
 from MetaShapeReconLib.occupancy import OccupancyNetwork, evaluate_grid
+from MetaShapeReconLib.pipeline import dice
 from MetaShapeReconLib.prior import initial_prior
-from MetaShapeReconLib.reconstruct import dice
 from shapes import ellipsoid
 
 GRID = Geometry.create((128, 128, 128), (1.0, 1.0, 1.0), (-63.5, -63.5, -63.5))

@@ -8,9 +8,9 @@ from fitted import fitted_sphere_prior, grid_centre, oblique_geometry, quick_pri
 from MetaShapeReconLib.errors import Cancelled, InputError
 from MetaShapeReconLib.frame import centre_frame
 from MetaShapeReconLib.geometry import Geometry
+from MetaShapeReconLib.pipeline import dice, observed_context, reconstruct, resolve_device, structure_mask
 from MetaShapeReconLib.planes import select_planes
 from MetaShapeReconLib.prior import load_prior
-from MetaShapeReconLib.reconstruct import dice, observed_context, reconstruct, resolve_device, structure_mask
 from shapes import ellipsoid, sparse_planes
 
 

@@ -22,8 +22,8 @@ vtk = pytest.importorskip("vtk")
 
 from MetaShapeReconLib.errors import Cancelled, InputError  # noqa: E402
 from MetaShapeReconLib.geometry import Geometry  # noqa: E402
+from MetaShapeReconLib.pipeline import dice  # noqa: E402
 from MetaShapeReconLib.prior import initial_prior, list_bundled_priors, load_prior, save_prior  # noqa: E402
-from MetaShapeReconLib.reconstruct import dice  # noqa: E402
 from MetaShapeReconLib.slicer_logic import (  # noqa: E402
     ReferenceGrid,
     apply,

@@ -11,8 +11,8 @@ import pytest
 import torch
 from MetaShapeReconLib.frame import CanonicalFrame, FrameSpec, centre_frame
 from MetaShapeReconLib.geometry import Geometry
+from MetaShapeReconLib.pipeline import observed_context
 from MetaShapeReconLib.prior import load_prior
-from MetaShapeReconLib.reconstruct import observed_context
 from MetaShapeReconLib.siren import logits, reconstruction_loss
 
 from training.config import load_config

@@ -119,7 +119,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
-def _keep_drawn(output: np.ndarray, mask: np.ndarray, planes: ObservedPlanes) -> None:
+def keep_drawn_planes(output: np.ndarray, mask: np.ndarray, planes: ObservedPlanes) -> None:
     for axis, indices in planes.items():
         index = [slice(None)] * 3
         index[axis] = indices
@@ -194,7 +194,7 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
     same_grid = output_geometry.same_grid(geometry)
     if same_grid:
         drawn_dice = _drawn_dice(output, mask, planes)
-        _keep_drawn(output, mask, planes)  # the user's drawing is the truth on the observed planes
+        keep_drawn_planes(output, mask, planes)  # the user's drawing is the truth on the observed planes
     else:
         drawn_dice = dice(network.probabilities(coords[chosen]) >= 0.5, target[chosen])
     if not output.any():
