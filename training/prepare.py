@@ -12,6 +12,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
+from MetaShapeReconLib.resample import centred_grid, resample_smooth
 
 from .progress import progress_bar
 
@@ -77,28 +78,6 @@ def find_cases(data: dict) -> List[Tuple[str, str, Optional[dict]]]:
 
 # --- one case -> canonical crops -----------------------------------------------------------------
 
-def crop_geometry(centre_lps: np.ndarray, extent_mm: np.ndarray, spacing: float):
-    from MetaShapeReconLib.geometry import Geometry
-
-    size = np.ceil(np.asarray(extent_mm) / spacing).astype(int)
-    origin = np.asarray(centre_lps) - (size - 1) / 2.0 * spacing
-    return Geometry.create(size, [spacing] * 3, origin)
-
-
-def resample_smooth(component, crop):
-    """Resample a binary SimpleITK image onto `crop` through its signed distance (mm)."""
-    import SimpleITK as sitk
-
-    distance = sitk.SignedMaurerDistanceMap(component, insideIsPositive=False, squaredDistance=False,
-                                            useImageSpacing=True)
-    reference = sitk.Image([int(s) for s in crop.size], sitk.sitkUInt8)
-    reference.SetSpacing(crop.spacing)
-    reference.SetOrigin(crop.origin)
-    reference.SetDirection(crop.direction)
-    resampled = sitk.Resample(distance, reference, sitk.Transform(), sitk.sitkLinear, 1e3, sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(resampled).transpose(2, 1, 0) < 0
-
-
 def shapes_of_case(case: str, path: str, extra: Optional[dict], data: dict, frame_extent) -> List[dict]:
     import SimpleITK as sitk
 
@@ -132,7 +111,7 @@ def shapes_of_case(case: str, path: str, extra: Optional[dict], data: dict, fram
         lps = np.array([image.TransformContinuousIndexToPhysicalPoint([float(v) for v in corner]) for corner in corners])
         centre = (lps.min(axis=0) + lps.max(axis=0)) / 2.0
         size_mm = lps.max(axis=0) - lps.min(axis=0) + np.abs(np.asarray(image.GetSpacing()))
-        crop = crop_geometry(centre, extent, float(data["spacing_mm"]))
+        crop = centred_grid(centre, extent, float(data["spacing_mm"]))
         pad = np.ceil(margin / np.asarray(image.GetSpacing())).astype(int) + 2
         lo = np.maximum(low - pad, 0)
         hi = np.minimum(high + pad + 1, np.asarray(image.GetSize()))

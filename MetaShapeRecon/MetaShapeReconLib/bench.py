@@ -32,6 +32,7 @@ import numpy as np
 
 from .errors import InputError
 from .geometry import Geometry
+from .resample import centred_grid, resample_smooth
 
 CROP_SIZE = 128
 CROP_SPACING_MM = 1.0
@@ -72,20 +73,13 @@ def canonical_crop(image, size: int = CROP_SIZE, spacing: float = CROP_SPACING_M
     low = [max(0, b - margin) for b in box[:3]]
     high = [min(n, b + e + margin) for n, b, e in zip(largest.GetSize(), box[:3], box[3:])]
     cropped = sitk.RegionOfInterest(largest, [h - lo for h, lo in zip(high, low)], low)
-    distance = sitk.SignedMaurerDistanceMap(cropped, insideIsPositive=False, squaredDistance=False,
-                                            useImageSpacing=True)
     first = np.array(box[:3], float)
     last = first + np.array(box[3:], float) - 1
     corners = [largest.TransformContinuousIndexToPhysicalPoint([float(c) for c in np.where(m, last, first)])
                for m in np.ndindex(2, 2, 2)]
     centre = (np.min(corners, axis=0) + np.max(corners, axis=0)) / 2.0
-    origin = centre - spacing * (size - 1) / 2.0
-    reference = sitk.Image([size] * 3, sitk.sitkUInt8)
-    reference.SetSpacing([spacing] * 3)
-    reference.SetOrigin([float(o) for o in origin])
-    resampled = sitk.Resample(distance, reference, sitk.Transform(), sitk.sitkLinear, 1e6, sitk.sitkFloat32)
-    mask = sitk.GetArrayFromImage(resampled).transpose(2, 1, 0) < 0
-    return mask, Geometry.create([size] * 3, [spacing] * 3, origin)
+    grid = centred_grid(centre, [size * spacing] * 3, spacing)
+    return resample_smooth(cropped, grid), grid
 
 
 def _kits_case(data_dir: str) -> Optional[Tuple[str, str]]:
