@@ -18,6 +18,7 @@ from .data import TaskSampler, load_shapes, load_split
 from .logs import CsvLog
 from .maml import load_optimizer, new_prior, resolve_device, save_optimizer
 from .progress import progress_bar
+from .validate import validate
 
 
 def train_pretrain(config: dict, out_dir: str, resume: bool = False, shapes=None, val_shapes=None) -> str:
@@ -28,6 +29,8 @@ def train_pretrain(config: dict, out_dir: str, resume: bool = False, shapes=None
     if shapes is None:
         split = load_split(config)
         shapes = load_shapes(config["data"]["cache"], split["train"], float(config["tasks"]["boundary_mm"]))
+        val_shapes = load_shapes(config["data"]["cache"], split["val"], float(config["tasks"]["boundary_mm"]),
+                                 limit=int(config["validation"]["cases"]))
     checkpoint = os.path.join(out_dir, "checkpoint")
     prior = load_prior(checkpoint + ".safetensors") if resume and os.path.isfile(checkpoint + ".safetensors") \
         else new_prior(config)
@@ -42,6 +45,7 @@ def train_pretrain(config: dict, out_dir: str, resume: bool = False, shapes=None
     rng = np.random.default_rng(int(config["seed"]) + start)
     weight_decay = float(config["loss"]["weight_decay"])
     log = CsvLog(os.path.join(out_dir, "log.csv"), ["iteration", "loss", "seconds"])
+    val_log = CsvLog(os.path.join(out_dir, "validation.csv"), ["iteration", "setting", "steps", "dice", "seconds"])
     iterations = int(settings["iterations"])
     bar = progress_bar(total=iterations, initial=start, desc="pretrain", unit="it")
     started = time.perf_counter() - elapsed
@@ -68,7 +72,16 @@ def train_pretrain(config: dict, out_dir: str, resume: bool = False, shapes=None
         log.write(iteration=iteration + 1, loss=float(loss.detach()), seconds=time.perf_counter() - started)
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         bar.update(1)
-        if (iteration + 1) % int(config["checkpoint"]["every"]) == 0 or iteration + 1 == iterations:
-            save(iteration + 1)
+        done = iteration + 1
+        every = int(config["validation"]["every"])
+        if val_shapes and every and (done % every == 0 or done == iterations):
+            # the initialisation itself (0 steps): what pre-training learns is a mean shape
+            prior.params = {k: v.detach().clone() for k, v in params.items()}
+            rows = validate(prior, val_shapes, config["validation"]["slices"], [0], seed=int(config["seed"]))
+            for row in rows:
+                val_log.write(iteration=done, seconds=time.perf_counter() - started, **row)
+            bar.write(f"iteration {done}: validation Dice at 0 steps {np.mean([r['dice'] for r in rows]):.3f}")
+        if done % int(config["checkpoint"]["every"]) == 0 or done == iterations:
+            save(done)
     bar.close()
     return checkpoint + ".safetensors"
