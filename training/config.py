@@ -77,7 +77,8 @@ DEFAULTS: Dict[str, Any] = {
         "trajectory_settings": ["sagittal:8", "sagittal:16"],
         "steps": [1, 50, 100],
         "converge": {"patience": 10, "max_steps": 300},
-        "cases": 20,
+        "cases": 20,                  # test shapes evaluated (0: all)
+        "transfer_cases": 6,          # shapes of each other anatomy in the transfer table
     },
 }
 

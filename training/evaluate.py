@@ -263,7 +263,7 @@ def run_evaluation(config: dict, args) -> None:
         other = load_config(other_path)
         other_split = load_split(other)
         other_shapes = load_shapes(other["data"]["cache"], other_split["test"], 2.0,
-                                   limit=int(config["evaluate"]["cases"]))
+                                   limit=int(config["evaluate"]["transfer_cases"]))
         siren_methods = {k: v for k, v in methods.items() if k in ("maml", "pretrain")}
         for row in _run(other_shapes, ["sagittal:8"], siren_methods, config, device, f"transfer {name}"):
             transfer_rows.append(dict(row, target=name))
@@ -386,12 +386,16 @@ def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config:
 
     for setting in [s for s in settings if s in config["evaluate"]["trajectory_settings"]]:
         lines += [f"## Table 2 — Dice, {setting}", "",
-                  "| method | DSC_0 | DSC_1 | DSC_50 | DSC_100 | DSC_conv | steps to conv |", "|---|---|---|---|---|---|---|"]
+                  "| method | DSC_0 | DSC_1 | DSC_50 | DSC_100 | DSC_conv |", "|---|---|---|---|---|---|"]
         for method in learned:
-            conv_steps = [-r["steps"] for r in rows if r["method"] == method and r["setting"] == setting and r["steps"] < 0]
             lines.append(f"| {NAMES[method]} | " + " | ".join(_mean_std(_at_step(rows, method, setting, s))
-                                                                for s in (0, 1, 50, 100, "conv"))
-                         + f" | {_mean_std(conv_steps)} |")
+                                                                for s in (0, 1, 50, 100, "conv")) + " |")
+        lines += ["", f"## Table 5 — at convergence (early stopping, patience 10), {setting}", "",
+                  "| method | DSC_conv | steps | seconds |", "|---|---|---|---|"]
+        for method in learned:
+            converged = [r for r in _select(rows, method=method, setting=setting) if r["steps"] < 0]
+            lines.append(f"| {NAMES[method]} | {_mean_std([r['dice'] for r in converged])} | "
+                         f"{_mean_std([-r['steps'] for r in converged])} | {_mean_std([r['seconds'] for r in converged])} |")
         lines += ["", f"## Table 6 — ASD (mm), {setting}", "", "| method | ASD_1 | ASD_100 | HD95_1 | HD95_100 |",
                   "|---|---|---|---|---|"]
         for method in learned:
