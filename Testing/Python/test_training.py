@@ -220,3 +220,20 @@ def test_torchrun_data_parallel_meta_training(tmp_path):
     log = (tmp_path / "run" / "log.csv").read_text().splitlines()
     assert len(log) == 3  # header + one row per iteration, written once (rank 0)
     assert load_prior(str(tmp_path / "run" / "checkpoint.safetensors")).card["training"]["iterations"] == 2
+
+
+def test_publish_gathers_evaluations_into_results_md(tmp_path):
+    from training.publish import publish
+
+    folder = tmp_path / "evaluation"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps({"default_steps": 5, "settings": {
+        "sagittal:8": {"ours_1_step": {"dice": 0.81, "asd_mm": 1.5}, "ours_default_steps": {"dice": 0.93, "asd_mm": 0.9},
+                       "fill_between_slices": {"dice": 0.96, "asd_mm": 0.7}}}}))
+    (folder / "results.md").write_text("# Evaluation: kidney\n\n## Table 2 — Dice\n\n![plot](dice_time.png)\n")
+    (folder / "dice_time.png").write_bytes(b"png")
+    path = publish([f"kidney={folder}"], str(tmp_path / "docs"))
+    text = open(path).read()
+    assert "| kidney | sagittal:8 | 0.810 / 1.50 | 0.930 / 0.90 (5 steps) | 0.960 / 0.70 | n/a |" in text
+    assert "### Table 2" in text and "(results_kidney_dice_time.png)" in text
+    assert (tmp_path / "docs" / "results_kidney_dice_time.png").read_bytes() == b"png"
