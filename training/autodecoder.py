@@ -18,7 +18,7 @@ from torch import nn
 
 from .data import TaskSampler, load_shapes, load_split
 from .logs import CsvLog
-from .maml import load_optimizer, resolve_device, save_optimizer
+from .maml import average_gradients_across_processes, distributed, load_optimizer, resolve_device, save_optimizer
 from .progress import progress_bar
 
 
@@ -78,6 +78,7 @@ def fit_latent(model: AutoDecoder, coords: torch.Tensor, target: torch.Tensor, s
         optimizer.zero_grad(set_to_none=True)
         loss = reconstruction_loss(model(latent, coords), target, {}, 0.0) + latent_prior * (latent ** 2).sum()
         loss.backward()
+        average_gradients_across_processes(optimizer)
         optimizer.step()
         if callback is not None and callback(step + 1, latent.detach(), float(loss.detach())):
             break
@@ -111,7 +112,10 @@ def load_autodecoder(path: str, device="cpu") -> Tuple[AutoDecoder, dict]:
 def train_autodecoder(config: dict, out_dir: str, resume: bool = False, shapes=None, val_shapes=None) -> str:
     os.makedirs(out_dir, exist_ok=True)
     settings = config["autodecoder"]
+    rank, _ = distributed()
     device = resolve_device(config["device"])
+    if device.type == "cuda" and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(int(config["seed"]))
     if shapes is None:
         split = load_split(config)
@@ -131,11 +135,12 @@ def train_autodecoder(config: dict, out_dir: str, resume: bool = False, shapes=N
         state = load_optimizer(optimizer, checkpoint + ".optimizer.safetensors")
         start, elapsed = int(state.get("iteration", 0)), float(state.get("seconds", 0))
     model.requires_grad_(True)
-    sampler = TaskSampler(config, seed=int(config["seed"]) + start)
-    rng = np.random.default_rng(int(config["seed"]) + start)
-    log = CsvLog(os.path.join(out_dir, "log.csv"), ["iteration", "loss", "seconds"])
+    task_seed = int(config["seed"]) + start + 100003 * rank  # each process draws its own shapes
+    sampler = TaskSampler(config, seed=task_seed)
+    rng = np.random.default_rng(task_seed)
+    log = CsvLog(os.path.join(out_dir, "log.csv"), ["iteration", "loss", "seconds"], enabled=rank == 0)
     iterations = int(settings["iterations"])
-    bar = progress_bar(total=iterations, initial=start, desc="autodecoder", unit="it")
+    bar = progress_bar(total=iterations, initial=start, disable=rank > 0, desc="autodecoder", unit="it")
     started = time.perf_counter() - elapsed
     card = {"format": "metashaperecon-autodecoder", "name": config["name"] + "_autodecoder",
             "frame": {"extent_mm": config["frame"]["extent_mm"]},
@@ -156,7 +161,7 @@ def train_autodecoder(config: dict, out_dir: str, resume: bool = False, shapes=N
         log.write(iteration=iteration + 1, loss=float(loss.detach()), seconds=time.perf_counter() - started)
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         bar.update(1)
-        if (iteration + 1) % int(config["checkpoint"]["every"]) == 0 or iteration + 1 == iterations:
+        if rank == 0 and ((iteration + 1) % int(config["checkpoint"]["every"]) == 0 or iteration + 1 == iterations):
             card["training"] = {"method": "autodecoder", "iterations": iteration + 1, "device": str(device),
                                 "seconds": time.perf_counter() - started, "shapes": len(shapes)}
             save_autodecoder(checkpoint + ".safetensors", model, latents, card)

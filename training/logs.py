@@ -6,14 +6,19 @@ from typing import Sequence
 
 
 class CsvLog:
-    def __init__(self, path: str, columns: Sequence[str]):
+    """`enabled=False` (processes other than rank 0 under torchrun) writes nothing."""
+
+    def __init__(self, path: str, columns: Sequence[str], enabled: bool = True):
         self.path = path
         self.columns = list(columns)
-        if not os.path.isfile(path):
+        self.enabled = enabled
+        if enabled and not os.path.isfile(path):
             with open(path, "w", newline="") as handle:
                 csv.writer(handle).writerow(self.columns)
 
     def write(self, **row) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", newline="") as handle:
             csv.writer(handle).writerow([_format(row.get(c, "")) for c in self.columns])
 

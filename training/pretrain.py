@@ -16,7 +16,7 @@ from MetaShapeReconLib.siren import logits, reconstruction_loss
 
 from .data import TaskSampler, load_shapes, load_split
 from .logs import CsvLog
-from .maml import load_optimizer, new_prior, resolve_device, save_optimizer
+from .maml import average_gradients_across_processes, distributed, load_optimizer, new_prior, resolve_device, save_optimizer
 from .progress import progress_bar
 from .validate import validate
 
@@ -24,7 +24,10 @@ from .validate import validate
 def train_pretrain(config: dict, out_dir: str, resume: bool = False, shapes=None, val_shapes=None) -> str:
     os.makedirs(out_dir, exist_ok=True)
     settings = config["pretrain"]
+    rank, _ = distributed()
     device = resolve_device(config["device"])
+    if device.type == "cuda" and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(int(config["seed"]))
     if shapes is None:
         split = load_split(config)
@@ -41,13 +44,15 @@ def train_pretrain(config: dict, out_dir: str, resume: bool = False, shapes=None
     if resume and os.path.isfile(checkpoint + ".optimizer.safetensors"):
         state = load_optimizer(optimizer, checkpoint + ".optimizer.safetensors")
         start, elapsed = int(state.get("iteration", 0)), float(state.get("seconds", 0))
-    sampler = TaskSampler(config, seed=int(config["seed"]) + start)
-    rng = np.random.default_rng(int(config["seed"]) + start)
+    task_seed = int(config["seed"]) + start + 100003 * rank  # each process draws its own shapes
+    sampler = TaskSampler(config, seed=task_seed)
+    rng = np.random.default_rng(task_seed)
     weight_decay = float(config["loss"]["weight_decay"])
-    log = CsvLog(os.path.join(out_dir, "log.csv"), ["iteration", "loss", "seconds"])
-    val_log = CsvLog(os.path.join(out_dir, "validation.csv"), ["iteration", "setting", "steps", "dice", "seconds"])
+    log = CsvLog(os.path.join(out_dir, "log.csv"), ["iteration", "loss", "seconds"], enabled=rank == 0)
+    val_log = CsvLog(os.path.join(out_dir, "validation.csv"), ["iteration", "setting", "steps", "dice", "seconds"],
+                     enabled=rank == 0)
     iterations = int(settings["iterations"])
-    bar = progress_bar(total=iterations, initial=start, desc="pretrain", unit="it")
+    bar = progress_bar(total=iterations, initial=start, disable=rank > 0, desc="pretrain", unit="it")
     started = time.perf_counter() - elapsed
 
     def save(iteration):
@@ -68,20 +73,21 @@ def train_pretrain(config: dict, out_dir: str, resume: bool = False, shapes=None
                             for i in range(len(x))]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients_across_processes(optimizer)
         optimizer.step()
         log.write(iteration=iteration + 1, loss=float(loss.detach()), seconds=time.perf_counter() - started)
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         bar.update(1)
         done = iteration + 1
         every = int(config["validation"]["every"])
-        if val_shapes and every and (done % every == 0 or done == iterations):
+        if rank == 0 and val_shapes and every and (done % every == 0 or done == iterations):
             # the initialisation itself (0 steps): what pre-training learns is a mean shape
             prior.params = {k: v.detach().clone() for k, v in params.items()}
             rows = validate(prior, val_shapes, config["validation"]["slices"], [0], seed=int(config["seed"]))
             for row in rows:
                 val_log.write(iteration=done, seconds=time.perf_counter() - started, **row)
             bar.write(f"iteration {done}: validation Dice at 0 steps {np.mean([r['dice'] for r in rows]):.3f}")
-        if done % int(config["checkpoint"]["every"]) == 0 or done == iterations:
+        if rank == 0 and (done % int(config["checkpoint"]["every"]) == 0 or done == iterations):
             save(done)
     bar.close()
     return checkpoint + ".safetensors"

@@ -9,5 +9,5 @@ def progress_bar(**kwargs):
 
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("mininterval", 1.0 if sys.stderr.isatty() else 30.0)
-    kwargs.setdefault("disable", os.environ.get("METASHAPERECON_NO_PROGRESS") == "1")
+    kwargs["disable"] = kwargs.get("disable", False) or os.environ.get("METASHAPERECON_NO_PROGRESS") == "1"
     return tqdm(**kwargs)

@@ -202,24 +202,27 @@ def test_smoke_run_every_method_on_real_kidneys(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_data_parallel_meta_training(tmp_path):
-    """Two processes (Gloo on the CPU) meta-train together; rank 0 writes the checkpoint."""
+@pytest.mark.parametrize("method", ["maml", "pretrain", "autodecoder"])
+def test_torchrun_data_parallel_training(tmp_path, method):
+    """Two processes (Gloo on the CPU) train together; rank 0 writes the log and checkpoint."""
     common = ["--config", os.path.join(ROOT, "training", "configs", "synthetic.yaml"),
               "--set", f"data.cache={tmp_path / 'cache'}", "--set", "data.synthetic.count=6",
               "--set", "frame.extent_mm=48", "--set", "tasks.context_points=128", "--set", "tasks.target_points=128",
               "--set", "maml.iterations=2", "--set", "maml.inner_steps=1", "--set", "validation.every=0",
+              "--set", "pretrain.iterations=2", "--set", "autodecoder.iterations=2", "--set", "autodecoder.batch_shapes=2",
               "--set", "threads=1"]
     env = dict(os.environ, METASHAPERECON_NO_PROGRESS="1")
     prepared = subprocess.run([sys.executable, "-m", "training", "prepare", *common], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
     assert prepared.returncode == 0, prepared.stderr[-2000:]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "training", "train", "--out", str(tmp_path / "run"), *common],
+                           "-m", "training", "train", "--method", method, "--out", str(tmp_path / "run"), *common],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = (tmp_path / "run" / "log.csv").read_text().splitlines()
     assert len(log) == 3  # header + one row per iteration, written once (rank 0)
-    assert load_prior(str(tmp_path / "run" / "checkpoint.safetensors")).card["training"]["iterations"] == 2
+    card = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert card["training"]["iterations"] == 2 and card["training"]["method"] == method
 
 
 def test_publish_gathers_evaluations_into_results_md(tmp_path):
