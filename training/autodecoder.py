@@ -16,9 +16,9 @@ import torch
 from MetaShapeReconLib.siren import reconstruction_loss
 from torch import nn
 
-from .data import TaskSampler, load_shapes, load_split
+from .data import TaskSampler
 from .logs import CsvLog
-from .maml import average_gradients_across_processes, distributed, load_optimizer, resolve_device, save_optimizer
+from .maml import average_gradients_across_processes, load_optimizer, save_optimizer, start_run
 from .progress import progress_bar
 
 
@@ -110,16 +110,8 @@ def load_autodecoder(path: str, device="cpu") -> Tuple[AutoDecoder, dict]:
 
 
 def train_autodecoder(config: dict, out_dir: str, resume: bool = False, shapes=None, val_shapes=None) -> str:
-    os.makedirs(out_dir, exist_ok=True)
     settings = config["autodecoder"]
-    rank, _ = distributed()
-    device = resolve_device(config["device"])
-    if device.type == "cuda" and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    torch.manual_seed(int(config["seed"]))
-    if shapes is None:
-        split = load_split(config)
-        shapes = load_shapes(config["data"]["cache"], split["train"], float(config["tasks"]["boundary_mm"]))
+    rank, device, shapes, _ = start_run(config, out_dir, shapes, val_shapes)
     model = AutoDecoder(int(settings["latent_size"]), int(settings["hidden_features"]), int(settings["layers"])).to(device)
     latents = torch.nn.Parameter(0.01 * torch.randn(len(shapes), int(settings["latent_size"]), device=device))
     optimizer = torch.optim.Adam([{"params": model.parameters(), "lr": float(settings["lr"])},

@@ -76,6 +76,27 @@ def distributed() -> Tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def start_run(config: dict, out_dir: str, shapes: Optional[List[Shape]], val_shapes: Optional[List[Shape]]):
+    """What every training method does first: the process group under torchrun, the device,
+    the seed (the same initial weights on every process) and the training and validation shapes.
+    Returns (rank, device, shapes, val_shapes)."""
+    os.makedirs(out_dir, exist_ok=True)
+    rank, world = distributed()
+    device = resolve_device(config["device"])
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(int(config["seed"]))
+    if shapes is None:
+        split = load_split(config)
+        boundary = float(config["tasks"]["boundary_mm"])
+        shapes = load_shapes(config["data"]["cache"], split["train"], boundary)
+        val_shapes = load_shapes(config["data"]["cache"], split["val"], boundary,
+                                 limit=int(config["validation"]["cases"]))
+    if not shapes:
+        raise SystemExit("no training shapes: check the cache and the split")
+    return rank, device, shapes, val_shapes
+
+
 def average_gradients_across_processes(optimizer: torch.optim.Optimizer) -> None:
     """Data parallelism as DistributedDataParallel does it: every process meta-learns on its own
     tasks, gradients are averaged before the (identical) optimiser step."""
@@ -146,21 +167,8 @@ class MetaLearner:
 def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optional[List[Shape]] = None,
                val_shapes: Optional[List[Shape]] = None) -> str:
     """Meta-train; returns the path of the best prior (by validation Dice after one step)."""
-    os.makedirs(out_dir, exist_ok=True)
     maml = config["maml"]
-    rank, world = distributed()
-    device = resolve_device(config["device"])
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", torch.cuda.current_device())
-    torch.manual_seed(int(config["seed"]))  # the same theta_0 on every process
-    if shapes is None:
-        split = load_split(config)
-        boundary = float(config["tasks"]["boundary_mm"])
-        shapes = load_shapes(config["data"]["cache"], split["train"], boundary)
-        val_shapes = load_shapes(config["data"]["cache"], split["val"], boundary,
-                                 limit=int(config["validation"]["cases"]))
-    if not shapes:
-        raise SystemExit("no training shapes: check the cache and the split")
+    rank, device, shapes, val_shapes = start_run(config, out_dir, shapes, val_shapes)
 
     checkpoint = os.path.join(out_dir, "checkpoint")
     start = 0

@@ -14,26 +14,16 @@ import torch
 from MetaShapeReconLib.prior import load_prior, save_prior
 from MetaShapeReconLib.siren import logits, reconstruction_loss
 
-from .data import TaskSampler, load_shapes, load_split
+from .data import TaskSampler
 from .logs import CsvLog
-from .maml import average_gradients_across_processes, distributed, load_optimizer, new_prior, resolve_device, save_optimizer
+from .maml import average_gradients_across_processes, load_optimizer, new_prior, save_optimizer, start_run
 from .progress import progress_bar
 from .validate import validate
 
 
 def train_pretrain(config: dict, out_dir: str, resume: bool = False, shapes=None, val_shapes=None) -> str:
-    os.makedirs(out_dir, exist_ok=True)
     settings = config["pretrain"]
-    rank, _ = distributed()
-    device = resolve_device(config["device"])
-    if device.type == "cuda" and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    torch.manual_seed(int(config["seed"]))
-    if shapes is None:
-        split = load_split(config)
-        shapes = load_shapes(config["data"]["cache"], split["train"], float(config["tasks"]["boundary_mm"]))
-        val_shapes = load_shapes(config["data"]["cache"], split["val"], float(config["tasks"]["boundary_mm"]),
-                                 limit=int(config["validation"]["cases"]))
+    rank, device, shapes, val_shapes = start_run(config, out_dir, shapes, val_shapes)
     checkpoint = os.path.join(out_dir, "checkpoint")
     prior = load_prior(checkpoint + ".safetensors") if resume and os.path.isfile(checkpoint + ".safetensors") \
         else new_prior(config)
