@@ -58,6 +58,7 @@ DEFAULTS: Dict[str, Any] = {
         "meta_batch": 4,
         "iterations": 3000,
         "grad_clip": 1.0,
+        "init": "",                   # start from this prior file instead of a SIREN initialisation
     },
     "pretrain": {"lr": 1.0e-4, "batch_shapes": 4, "iterations": 3000},
     "autodecoder": {
