@@ -66,7 +66,9 @@ DEFAULTS: Dict[str, Any] = {
         "latent_prior": 1.0e-4, "iterations": 3000, "batch_shapes": 8,
         "test_lr": 1.0e-2,
     },
-    "adaptation": {"steps": 5, "context_points": 8192},
+    # reconstruction-time settings written into the prior's model card; context_sampling is
+    # also how meta-training draws its context (uniform, or balanced: half foreground)
+    "adaptation": {"steps": 5, "context_points": 8192, "context_sampling": "uniform"},
     "validation": {"every": 250, "cases": 12, "slices": "sagittal:8"},
     "checkpoint": {"every": 100},
     "evaluate": {

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from MetaShapeReconLib.adaptation import choose_context
 from MetaShapeReconLib.frame import FrameSpec, centre_frame
 from MetaShapeReconLib.geometry import PATIENT_AXES, Geometry
 from MetaShapeReconLib.pipeline import observed_context
@@ -85,6 +86,7 @@ class TaskSampler:
     def __init__(self, config: dict, seed: int = 0):
         self.tasks = config["tasks"]
         self.frame_spec = FrameSpec.from_metadata(config["frame"])
+        self.context_sampling = config["adaptation"].get("context_sampling", "uniform")
         self.rng = np.random.default_rng(seed)
         weights = np.array([p["weight"] for p in self.tasks["planes"]], float)
         self.plane_weights = weights / weights.sum()
@@ -146,7 +148,7 @@ class TaskSampler:
                 break
         frame = centre_frame(self.frame_spec, shape.geometry, shape.mask, chosen)
         coords, labels = observed_context(shape.mask, shape.geometry, chosen, frame)
-        pick = rng.choice(len(coords), size=int(self.tasks["context_points"]), replace=len(coords) < int(self.tasks["context_points"]))
+        pick = choose_context(labels, int(self.tasks["context_points"]), rng, self.context_sampling, exact=True)
         context = (coords[pick], labels[pick])
         return context + self.targets(shape, frame)
 

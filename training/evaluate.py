@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from MetaShapeReconLib.adaptation import adapt, to_tensors
+from MetaShapeReconLib.adaptation import adapt, choose_context, to_tensors
 from MetaShapeReconLib.baselines import fill_between_slices, signed_distance_interpolation
 from MetaShapeReconLib.frame import FrameSpec, centre_frame
 from MetaShapeReconLib.occupancy import OccupancyNetwork, evaluate_grid
@@ -215,7 +215,7 @@ def evaluate_case(shape: Shape, setting: str, methods: Dict[str, object], config
             continue
         frame = centre_frame(prior.frame_spec, shape.geometry, shape.mask, planes)
         coords, target = observed_context(shape.mask, shape.geometry, planes, frame)
-        pick = np.random.default_rng(0).permutation(len(coords))[:int(prior.adaptation["context_points"])]
+        pick = choose_context(target, int(prior.adaptation["context_points"]), 0, prior.adaptation["context_sampling"])
         record = Trajectory(None, shape.mask, spacing, record_steps, planes)
         meta_steps = prior.default_steps if name == "maml" else 0
         adam_lr = float(prior.adaptation["auto"]["lr"]) if name == "maml" else float(config["pretrain"]["lr"])
@@ -226,7 +226,8 @@ def evaluate_case(shape: Shape, setting: str, methods: Dict[str, object], config
         model, card = methods["autodecoder"]
         frame = centre_frame(FrameSpec.from_metadata(card["frame"]), shape.geometry, shape.mask, planes)
         coords, target = observed_context(shape.mask, shape.geometry, planes, frame)
-        pick = np.random.default_rng(0).permutation(len(coords))[:int(config["adaptation"]["context_points"])]
+        pick = choose_context(target, int(config["adaptation"]["context_points"]), 0,
+                              config["adaptation"].get("context_sampling", "uniform"))
         record = Trajectory(None, shape.mask, spacing, record_steps, planes)
         info = autodecoder_trajectory(model, coords[pick], target[pick], float(card["test_time"]["lr"]),
                                       float(card["test_time"]["latent_prior"]), record, max_steps, patience,

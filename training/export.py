@@ -22,7 +22,8 @@ def export_prior(config: dict, prior_path: str, name: str, results_dir: Optional
     card["anatomy"] = config.get("anatomy") or card.get("anatomy", "")
     card["description"] = config.get("description", card.get("description", ""))
     card["adaptation"].update(steps=int(config["adaptation"]["steps"]),
-                              context_points=int(config["adaptation"]["context_points"]))
+                              context_points=int(config["adaptation"]["context_points"]),
+                              context_sampling=config["adaptation"].get("context_sampling", "uniform"))
     card["license"] = config.get("license", card.get("license", ""))
     card["attribution"] = config.get("attribution", card.get("attribution", ""))
     try:

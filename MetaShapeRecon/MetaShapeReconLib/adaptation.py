@@ -22,11 +22,40 @@ def report(progress: Optional[Progress], step: int, total: int, loss: Optional[f
         raise Cancelled("cancelled")
 
 
-def sample_points(count: int, limit: int, seed: int = 0) -> np.ndarray:
-    """Indices of a uniform random subset of `limit` of `count` items (all when count <= limit)."""
-    if count <= limit:
-        return np.arange(count)
-    return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
+CONTEXT_SAMPLING = ("uniform", "balanced")
+
+
+def choose_context(labels: np.ndarray, limit: int, rng=0, sampling: str = "uniform", exact: bool = False) -> np.ndarray:
+    """Indices of the observed voxels an adaptation uses: at most `limit` of them, drawn without
+    replacement (`exact`: exactly `limit`, repeating some when there are fewer, as meta-training
+    batches need). `uniform`: every observed voxel alike; `balanced`: half from the foreground,
+    half from the background, so a small structure keeps its share of the gradient. Training
+    and reconstruction both draw here, each with the prior's setting. `rng`: a seed or Generator."""
+    if sampling not in CONTEXT_SAMPLING:
+        raise ValueError(f"unknown context sampling {sampling!r}")
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    if sampling == "uniform":
+        groups = [np.arange(len(labels))]
+        wanted = [limit]
+    else:
+        foreground = np.flatnonzero(labels > 0.5)
+        background = np.flatnonzero(labels <= 0.5)
+        groups = [foreground, background]
+        share = limit // 2 if len(foreground) and len(background) else (limit if len(foreground) else 0)
+        wanted = [share, limit - share]
+        if not exact:  # a short group leaves its share to the other
+            wanted[0] = min(wanted[0], len(foreground))
+            wanted[1] = min(limit - wanted[0], len(background))
+            wanted[0] = min(limit - wanted[1], len(foreground))
+    chosen = []
+    for group, count in zip(groups, wanted):
+        if count <= 0 or len(group) == 0:
+            continue
+        if len(group) <= count and not exact:
+            chosen.append(group)
+        else:
+            chosen.append(rng.choice(group, size=count, replace=len(group) < count))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
 def inner_step(model: Siren, params: Mapping[str, torch.Tensor], inner_lr: Mapping[str, torch.Tensor],

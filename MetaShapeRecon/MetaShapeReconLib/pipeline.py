@@ -15,7 +15,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .adaptation import Progress, adapt, adapt_until_converged, report, sample_points, to_tensors
+from .adaptation import Progress, adapt, adapt_until_converged, choose_context, report, to_tensors
 from .errors import InputError
 from .frame import CanonicalFrame, centre_frame, fits_in_frame, observed_foreground_points
 from .geometry import Geometry
@@ -168,7 +168,7 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
     coords, target = observed_context(mask, geometry, planes, frame)
     if len(coords) == 0:
         raise InputError("no observed voxel lies inside the prior's frame")
-    chosen = sample_points(len(coords), int(adaptation["context_points"]), seed)
+    chosen = choose_context(target, int(adaptation["context_points"]), seed, adaptation["context_sampling"])
     warnings = []
     if not fits_in_frame(frame, observed_foreground_points(mask, planes, geometry)):
         warnings.append(f"the drawn structure is larger than the prior's {prior.frame_spec.extent_mm} mm frame; "

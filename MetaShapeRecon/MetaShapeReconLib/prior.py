@@ -16,6 +16,7 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
+from .adaptation import CONTEXT_SAMPLING
 from .catalog import FORMAT, PRIORS_ENV, bundled_prior_dirs, list_bundled_priors  # noqa: F401 (re-exported)
 from .errors import InputError
 from .frame import FrameSpec
@@ -29,6 +30,7 @@ DEFAULT_ADAPTATION = {
     "steps": 5,
     "context_points": 8192,
     "weight_decay": 100.0,
+    "context_sampling": "uniform",
     "auto": {"optimizer": "adam", "lr": 1e-4, "patience": 10, "max_steps": 1000},
 }
 
@@ -54,6 +56,9 @@ def _check_adaptation(card: Mapping) -> None:
               ("auto.patience", auto["patience"], int, 1), ("auto.max_steps", auto["max_steps"], int, 0)]
     if "inner_lr" in merged:
         checks.append(("inner_lr", merged["inner_lr"], float, 0.0))
+    if merged["context_sampling"] not in CONTEXT_SAMPLING:
+        raise ValueError(f"adaptation.context_sampling = {merged['context_sampling']!r} is not one of "
+                         f"{', '.join(CONTEXT_SAMPLING)}")
     for name, value, kind, lowest in checks:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or (kind is int and value != int(value)) or value < lowest:

@@ -91,7 +91,7 @@ def fit(prior, labels: np.ndarray, geometry: Geometry, slices: str, seed: int = 
     prior's weights are the adapted ones and its default steps are 0."""
     import copy
 
-    from MetaShapeReconLib.adaptation import adapt, adapt_until_converged, sample_points, to_tensors
+    from MetaShapeReconLib.adaptation import adapt, adapt_until_converged, choose_context, to_tensors
     from MetaShapeReconLib.frame import centre_frame
     from MetaShapeReconLib.pipeline import observed_context, structure_mask
     from MetaShapeReconLib.planes import select_planes
@@ -102,7 +102,7 @@ def fit(prior, labels: np.ndarray, geometry: Geometry, slices: str, seed: int = 
     planes = select_planes(slices, mask, geometry)
     frame = centre_frame(prior.frame_spec, geometry, mask, planes)
     coords, target = observed_context(mask, geometry, planes, frame)
-    chosen = sample_points(len(coords), int(settings["context_points"]), seed)
+    chosen = choose_context(target, int(settings["context_points"]), seed, settings["context_sampling"])
     coords_t, target_t = to_tensors(coords[chosen], target[chosen], "cpu")
     weight_decay = float(settings["weight_decay"])
     auto = settings["auto"]

@@ -1,0 +1,36 @@
+"""Which observed voxels an adaptation uses (shared by reconstruction and meta-training)."""
+
+import numpy as np
+import pytest
+from MetaShapeReconLib.adaptation import choose_context
+
+LABELS = np.array([1.0] * 30 + [0.0] * 970)
+
+
+def test_uniform_takes_everything_or_a_distinct_subset():
+    assert np.array_equal(choose_context(LABELS, 2000, 0), np.arange(1000))
+    chosen = choose_context(LABELS, 100, 0)
+    assert len(chosen) == 100 and len(np.unique(chosen)) == 100 and np.all(np.diff(chosen) > 0)
+    assert np.array_equal(chosen, choose_context(LABELS, 100, 0))  # seeded: reproducible
+
+
+def test_balanced_gives_the_small_structure_half_the_points():
+    chosen = choose_context(LABELS, 40, 0, "balanced")
+    assert len(chosen) == 40 and LABELS[chosen].sum() == 20
+    # fewer foreground voxels than half: all of them, the rest background, still no repeats
+    chosen = choose_context(LABELS, 200, 0, "balanced")
+    assert len(chosen) == 200 and LABELS[chosen].sum() == 30 and len(np.unique(chosen)) == 200
+
+
+def test_exact_counts_for_training_batches():
+    chosen = choose_context(LABELS, 2000, np.random.default_rng(1), "uniform", exact=True)
+    assert len(chosen) == 2000 and set(chosen) <= set(range(1000))
+    chosen = choose_context(LABELS, 200, np.random.default_rng(1), "balanced", exact=True)
+    assert len(chosen) == 200 and LABELS[chosen].sum() == 100  # foreground repeated to its half
+    only_background = np.zeros(50)
+    assert len(choose_context(only_background, 20, 0, "balanced", exact=True)) == 20
+
+
+def test_unknown_sampling_is_refused():
+    with pytest.raises(ValueError):
+        choose_context(LABELS, 10, 0, "stratified")
