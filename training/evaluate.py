@@ -37,7 +37,7 @@ from .data import Shape, load_shapes, load_split
 from .progress import progress_bar
 from .validate import sparse_input
 
-STEP_SCHEDULE = (0, 1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 25, 30, 40, 50, 65, 80, 100, 125, 150, 200, 250, 300)
+STEP_SCHEDULE = (0, 1, 2, 3, 5, 8, 13, 20, 30, 50, 75, 100, 150, 200, 300)
 
 
 # --- metrics -------------------------------------------------------------------------------------
