@@ -140,7 +140,7 @@ def train_autodecoder(config: dict, out_dir: str, resume: bool = False, shapes=N
                           "latent_prior": float(settings["latent_prior"])}}
     for iteration in range(start, iterations):
         chosen = rng.choice(len(shapes), size=min(int(settings["batch_shapes"]), len(shapes)), replace=False)
-        batch = sampler.batch([shapes[i] for i in chosen])
+        batch = sampler.batch([shapes[i] for i in chosen], context=False)
         x = torch.as_tensor(batch["target_x"], device=device)
         y = torch.as_tensor(batch["target_y"], device=device)
         codes = latents[torch.as_tensor(chosen, device=device)]

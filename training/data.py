@@ -13,9 +13,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from MetaShapeReconLib.adaptation import choose_context
 from MetaShapeReconLib.frame import FrameSpec, centre_frame
-from MetaShapeReconLib.geometry import PATIENT_AXES, Geometry
+from MetaShapeReconLib.geometry import Geometry
 from MetaShapeReconLib.pipeline import observed_context
-from MetaShapeReconLib.planes import ObservedPlanes, image_axis, planes_from_rules
+from MetaShapeReconLib.planes import ObservedPlanes, planes_from_rules
 from scipy import ndimage
 
 
@@ -76,10 +76,6 @@ def load_shapes(cache: str, cases: Optional[Sequence[str]] = None, boundary_mm: 
     return shapes
 
 
-def _axis_index(name: str, geometry: Geometry) -> int:
-    return image_axis(name, geometry)
-
-
 class TaskSampler:
     """Draws observed-plane configurations and context/target points for shapes."""
 
@@ -136,9 +132,10 @@ class TaskSampler:
         return kept or planes
 
     # -- points --------------------------------------------------------------------------------
-    def task(self, shape: Shape, planes: Optional[ObservedPlanes] = None
-             ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(context coords, context labels, target coords, target labels), float32, canonical frame."""
+    def task(self, shape: Shape, planes: Optional[ObservedPlanes] = None, context: bool = True) -> Tuple:
+        """(context coords, context labels, target coords, target labels), float32, canonical frame.
+        Without `context` (pre-training, auto-decoder) only the targets: the frame is still
+        centred on the observed planes, as at reconstruction time."""
         rng = self.rng
         if self.tasks.get("mirror") and rng.random() < 0.5:
             shape = shape.mirrored()
@@ -147,6 +144,8 @@ class TaskSampler:
             if self._has_foreground(shape.mask, chosen):
                 break
         frame = centre_frame(self.frame_spec, shape.geometry, shape.mask, chosen)
+        if not context:
+            return self.targets(shape, frame)
         coords, labels = observed_context(shape.mask, shape.geometry, chosen, frame)
         pick = choose_context(labels, int(self.tasks["context_points"]), rng, self.context_sampling, exact=True)
         context = (coords[pick], labels[pick])
@@ -177,11 +176,7 @@ class TaskSampler:
             keep = rng.choice(inside, size=count, replace=True)
         return coords[keep], shape.mask[tuple(ijk[keep].T)].astype(np.float32)
 
-    def batch(self, shapes: Sequence[Shape]) -> Dict[str, np.ndarray]:
-        parts = [self.task(s) for s in shapes]
-        return {key: np.stack([p[i] for p in parts]) for i, key in
-                enumerate(("context_x", "context_y", "target_x", "target_y"))}
-
-
-def patient_axes_of(geometry: Geometry) -> Dict[str, int]:
-    return {name: _axis_index(name, geometry) for name in PATIENT_AXES}
+    def batch(self, shapes: Sequence[Shape], context: bool = True) -> Dict[str, np.ndarray]:
+        parts = [self.task(s, context=context) for s in shapes]
+        keys = ("context_x", "context_y", "target_x", "target_y") if context else ("target_x", "target_y")
+        return {key: np.stack([p[i] for p in parts]) for i, key in enumerate(keys)}

@@ -56,7 +56,7 @@ def train_pretrain(config: dict, out_dir: str, resume: bool = False, shapes=None
 
     for iteration in range(start, iterations):
         chosen = [shapes[i] for i in rng.choice(len(shapes), size=int(settings["batch_shapes"]))]
-        batch = sampler.batch(chosen)
+        batch = sampler.batch(chosen, context=False)
         x = torch.as_tensor(batch["target_x"], device=device)
         y = torch.as_tensor(batch["target_y"], device=device)
         loss = torch.stack([reconstruction_loss(logits(model, params, x[i]), y[i], params, weight_decay)
