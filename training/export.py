@@ -41,6 +41,17 @@ def export_prior(config: dict, prior_path: str, name: str, results_dir: Optional
                                                             "multi_step_loss", "outer_lr", "meta_batch")}
     card["meta_training"].update(context_points=config["tasks"]["context_points"],
                                  target_points=config["tasks"]["target_points"], planes=config["tasks"]["planes"])
+    training = card.setdefault("training", {})
+    phases, earlier = [], training
+    while isinstance(earlier, dict) and earlier:  # a run continued from an earlier prior (maml.init)
+        phases.append(earlier)
+        earlier = earlier.get("initialised_from")
+    training["total"] = {"phases": len(phases),
+                         "iterations": sum(int(p.get("iterations", 0)) for p in phases),
+                         "hours": round(sum(float(p.get("seconds", 0)) for p in phases) / 3600, 2),
+                         "device": training.get("device", "")}
+    if config.get("training_note"):
+        training["note"] = config["training_note"]
     if results_dir:
         summary = os.path.join(results_dir, "summary.json")
         if os.path.isfile(summary):
