@@ -34,6 +34,11 @@ def publish(results: List[str], out: str) -> str:
             target = f"results_{name}_dice_time.png"
             shutil.copyfile(plot, os.path.join(out, target))
             body = body.replace("(dice_time.png)", f"({target})")
+        for raw in ("results.csv", "transfer.csv"):  # the per-shape numbers behind the tables
+            if os.path.isfile(os.path.join(folder, raw)):
+                target = f"results_{name}_{raw}"
+                shutil.copyfile(os.path.join(folder, raw), os.path.join(out, target))
+                body += f"\nPer-shape numbers: [{target}]({target})\n"
         body = body.replace("\n# ", "\n## ").replace("\n## ", "\n### ").lstrip("# ")
         sections.append(f"## {name}\n\n" + body)
         steps = summary.get("default_steps", "default")
