@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= $(abspath ../shared/data)
-# the CPU build of PyTorch; any other spec pulls the CUDA build (gigabytes)
+# the PyTorch the project is tested with; a torch 2.13.0 already in the venv (any build) is kept
 TORCH ?= torch==2.13.0
 
 .PHONY: demo test bench install lint

@@ -78,7 +78,6 @@ def fit_latent(model: AutoDecoder, coords: torch.Tensor, target: torch.Tensor, s
         optimizer.zero_grad(set_to_none=True)
         loss = reconstruction_loss(model(latent, coords), target, {}, 0.0) + latent_prior * (latent ** 2).sum()
         loss.backward()
-        average_gradients_across_processes(optimizer)
         optimizer.step()
         if callback is not None and callback(step + 1, latent.detach(), float(loss.detach())):
             break
@@ -149,6 +148,7 @@ def train_autodecoder(config: dict, out_dir: str, resume: bool = False, shapes=N
         loss = loss + float(settings["latent_prior"]) * (codes ** 2).sum(dim=-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients_across_processes(optimizer)  # under torchrun: one model, trained on every process's shapes
         optimizer.step()
         log.write(iteration=iteration + 1, loss=float(loss.detach()), seconds=time.perf_counter() - started)
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}")

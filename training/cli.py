@@ -12,6 +12,7 @@ overrides, e.g.
 
 import argparse
 import json
+import os
 import sys
 
 from .config import load_config
@@ -71,6 +72,9 @@ def main(argv=None) -> int:
 
         print(json.dumps(prepare(config, workers=args.workers), indent=1))
     elif args.command == "train":
+        if not args.resume and os.path.isfile(os.path.join(args.out, "checkpoint.safetensors")):
+            raise SystemExit(f"{args.out} already holds a training run: add --resume to continue it, "
+                             "or choose another --out")
         if args.method == "maml":
             from .maml import train_maml as train_method
         elif args.method == "pretrain":

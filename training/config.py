@@ -18,7 +18,7 @@ DEFAULTS: Dict[str, Any] = {
     "threads": 0,                    # CPU threads for torch (0: torch's default); 1 is most efficient
                                      # for these small matrices on a busy 2-core machine
     "data": {
-        "layout": "folder",          # kits19 | verse | msd | folder
+        "layout": "folder",          # kits19 | verse | msd | folder | synthetic
         "root": "",
         "labels": None,              # label values merged into the structure (None: every non-zero)
         "components": 1,             # connected structures per case kept as separate shapes

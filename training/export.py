@@ -12,6 +12,7 @@ from typing import Optional
 from MetaShapeReconLib.prior import load_prior, save_prior
 
 from .data import load_split
+from .maml import meta_training_settings
 
 
 def export_prior(config: dict, prior_path: str, name: str, results_dir: Optional[str] = None,
@@ -37,10 +38,8 @@ def export_prior(config: dict, prior_path: str, name: str, results_dir: Optional
         }
     except SystemExit:
         pass
-    card["meta_training"] = {k: config["maml"][k] for k in ("inner_steps", "inner_lr", "learn_inner_lr",
-                                                            "multi_step_loss", "outer_lr", "meta_batch")}
-    card["meta_training"].update(context_points=config["tasks"]["context_points"],
-                                 target_points=config["tasks"]["target_points"], planes=config["tasks"]["planes"])
+    # the run's own settings (recorded by `train`); older priors: those of the config given here
+    card["meta_training"] = card.get("training", {}).get("settings") or meta_training_settings(config)
     training = card.setdefault("training", {})
     phases, earlier = [], training
     while isinstance(earlier, dict) and earlier:  # a run continued from an earlier prior (maml.init)

@@ -97,6 +97,16 @@ def start_run(config: dict, out_dir: str, shapes: Optional[List[Shape]], val_sha
     return rank, device, shapes, val_shapes
 
 
+def meta_training_settings(config: dict) -> dict:
+    """The settings a prior was meta-trained with, recorded in its card (export copies them)."""
+    maml, tasks = config["maml"], config["tasks"]
+    settings = {k: maml[k] for k in ("inner_steps", "inner_lr", "learn_inner_lr", "multi_step_loss", "outer_lr",
+                                     "meta_batch", "first_order_iterations")}
+    settings.update(context_points=tasks["context_points"], target_points=tasks["target_points"],
+                    planes=tasks["planes"], context_sampling=config["adaptation"].get("context_sampling", "uniform"))
+    return settings
+
+
 def average_gradients_across_processes(optimizer: torch.optim.Optimizer) -> None:
     """Data parallelism as DistributedDataParallel does it: every process meta-learns on its own
     tasks, gradients are averaged before the (identical) optimiser step."""
@@ -202,7 +212,7 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
     def save(iteration: int) -> None:
         prior = learner.prior()
         prior.card["training"].update(method="maml", iterations=iteration, seconds=time.perf_counter() - started,
-                                      device=str(device))
+                                      device=str(device), settings=meta_training_settings(config))
         save_prior(prior, checkpoint + ".safetensors")
         save_optimizer(learner.optimizer, checkpoint + ".optimizer.safetensors",
                        {"iteration": iteration, "best_dice": best_dice, "seconds": time.perf_counter() - started})
@@ -228,7 +238,8 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
                 best_dice = float(one_step)
                 best = learner.prior()
                 best.card["training"].update(method="maml", iterations=done, seconds=time.perf_counter() - started,
-                                             device=str(device), validation_dice_1_step=best_dice)
+                                             device=str(device), validation_dice_1_step=best_dice,
+                                             settings=meta_training_settings(config))
                 save_prior(best, os.path.join(out_dir, "best.safetensors"))
         if done % int(config["checkpoint"]["every"]) == 0 or done == iterations:
             save(done)

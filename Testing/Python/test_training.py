@@ -177,7 +177,7 @@ def test_smoke_run_every_method_on_real_kidneys(data_dir, tmp_path):
 
     run("prepare")
     for method in ("maml", "pretrain", "autodecoder"):
-        run("train", "--method", method, "--out", str(tmp_path / method))
+        run("train", "--method", method, "--out", str(tmp_path / method), "--set", "maml.outer_lr=2e-5")
     out = tmp_path / "evaluation"
     run("evaluate", "--prior", str(tmp_path / "maml" / "checkpoint.safetensors"),
         "--pretrain", str(tmp_path / "pretrain" / "checkpoint.safetensors"),
@@ -198,6 +198,7 @@ def test_smoke_run_every_method_on_real_kidneys(data_dir, tmp_path):
                "--results", str(out), "--out", str(tmp_path / "priors")).strip()
     exported = json.loads(open(card).read())
     assert exported["license"] == "CC BY-NC-SA 4.0" and "KiTS19" in exported["attribution"]
+    assert exported["meta_training"]["outer_lr"] == 2e-5  # the run's settings, not the export command's
     assert exported["results"]["settings"]["orthogonal"]
 
 
@@ -240,3 +241,15 @@ def test_publish_gathers_evaluations_into_results_md(tmp_path):
     assert "| kidney | sagittal:8 | 0.810 / 1.50 | 0.930 / 0.90 (5 steps) | 0.960 / 0.70 | n/a |" in text
     assert "### Table 2" in text and "(results_kidney_dice_time.png)" in text
     assert (tmp_path / "docs" / "results_kidney_dice_time.png").read_bytes() == b"png"
+
+
+def test_train_refuses_to_overwrite_a_run_without_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.safetensors").write_bytes(b"earlier run")
+    done = subprocess.run([sys.executable, "-m", "training", "train", "--config",
+                           os.path.join(ROOT, "training", "configs", "synthetic.yaml"), "--out", str(run_dir)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "already holds a training run: add --resume" in done.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.safetensors"]
+    assert (run_dir / "checkpoint.safetensors").read_bytes() == b"earlier run"
