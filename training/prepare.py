@@ -17,6 +17,8 @@ from MetaShapeReconLib.resample import centred_grid, resample_smooth
 from .progress import progress_bar
 
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+# how crops are made; a cache written another way is prepared again, not resumed
+RESAMPLING = "signed-distance-2"
 
 
 # --- dataset layouts -> list of (case id, label file, [(shape name, label values or None)]) ---------
@@ -155,7 +157,7 @@ def make_splits(cases: Iterable[str], seed: int, test: float, val: float, folds:
     return {"seed": seed, "test": test_cases, "val": val_cases, "train": train_cases, "folds": fold_lists}
 
 
-def prepare_synthetic(config: dict) -> List[Tuple[str, str, Optional[dict]]]:
+def prepare_synthetic(config: dict) -> Tuple[List[Tuple[str, str, Optional[dict]]], List[dict]]:
     """Cache the synthetic family (data.synthetic: count, seed) like a real dataset."""
     from .synthetic import synthetic_family
 
@@ -177,7 +179,7 @@ def prepare_synthetic(config: dict) -> List[Tuple[str, str, Optional[dict]]]:
     with open(os.path.join(data["cache"], "shapes.json"), "w") as handle:
         json.dump({"frame_extent_mm": [extent] * 3, "spacing_mm": 1.0, "margin_mm": data["margin_mm"],
                    "layout": "synthetic", "root": "", "shapes": shapes}, handle, indent=1)
-    return cases
+    return cases, shapes
 
 
 def prepare(config: dict, workers: int = 2) -> dict:
@@ -187,14 +189,16 @@ def prepare(config: dict, workers: int = 2) -> dict:
     extent = config["frame"]["extent_mm"]
     extent = extent if isinstance(extent, (list, tuple)) else [extent] * 3
     if data["layout"] == "synthetic":
-        return _write_split(config, prepare_synthetic(config), os.path.join(cache, "shapes.json"), [])
+        cases, shapes = prepare_synthetic(config)
+        return _write_split(config, cases, os.path.join(cache, "shapes.json"), shapes)
     cases = find_cases(data)
     index_path = os.path.join(cache, "shapes.json")
     done: Dict[str, List[dict]] = {}
     if os.path.isfile(index_path):  # resume: keep what an earlier run finished
         with open(index_path) as handle:
             previous = json.load(handle)
-        if previous.get("frame_extent_mm") == list(extent) and previous.get("spacing_mm") == data["spacing_mm"]:
+        if (previous.get("frame_extent_mm") == list(extent) and previous.get("spacing_mm") == data["spacing_mm"]
+                and previous.get("resampling") == RESAMPLING):
             for shape in previous["shapes"]:
                 done.setdefault(shape["case"], []).append(shape)
     jobs = [(case, path, extra, data, extent, cache) for case, path, extra in cases if case not in done]
@@ -203,7 +207,7 @@ def prepare(config: dict, workers: int = 2) -> dict:
     def save_index():
         shapes = [s for case, _, _ in cases for s in done.get(case, [])]
         with open(index_path + ".tmp", "w") as handle:
-            json.dump({"frame_extent_mm": list(extent), "spacing_mm": data["spacing_mm"],
+            json.dump({"frame_extent_mm": list(extent), "spacing_mm": data["spacing_mm"], "resampling": RESAMPLING,
                        "margin_mm": data["margin_mm"], "layout": data["layout"], "root": data["root"],
                        "shapes": shapes}, handle, indent=1)
         os.replace(index_path + ".tmp", index_path)

@@ -19,12 +19,25 @@ def centred_grid(centre_lps: Sequence[float], extent_mm: Sequence[float], spacin
     return Geometry.create(size, [spacing_mm] * 3, origin)
 
 
+def signed_distance(binary_image):
+    """Signed distance in mm, negative inside, zero halfway between a boundary voxel and its
+    outside neighbour. (Maurer's map alone is zero on the inside boundary voxels: cutting it at
+    zero would shave one voxel off every structure.)"""
+    import SimpleITK as sitk
+
+    def maurer(image):
+        return sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False,
+                                            useImageSpacing=True)
+
+    mask = sitk.Cast(binary_image != 0, sitk.sitkUInt8)
+    return (maurer(mask) - maurer(sitk.Cast(mask == 0, sitk.sitkUInt8))) * 0.5
+
+
 def resample_smooth(binary_image, grid: Geometry) -> np.ndarray:
     """A binary SimpleITK image resampled onto `grid` through its signed distance; (i, j, k) bool."""
     import SimpleITK as sitk
 
-    distance = sitk.SignedMaurerDistanceMap(sitk.Cast(binary_image, sitk.sitkUInt8), insideIsPositive=False,
-                                            squaredDistance=False, useImageSpacing=True)
+    distance = signed_distance(binary_image)
     reference = sitk.Image([int(s) for s in grid.size], sitk.sitkUInt8)
     reference.SetSpacing(grid.spacing)
     reference.SetOrigin(grid.origin)
