@@ -137,6 +137,7 @@ class MetaShapeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = MetaShapeReconLogic()
+        self.logic.worker()  # started now: it warms PyTorch up while the user draws
         self._populateChoices()
         self.ui.progressBar.hide()
 
@@ -501,7 +502,7 @@ class MetaShapeReconLogic(ScriptedLoadableModuleLogic):
         return MetaShapeReconParameterNode(super().getParameterNode())
 
     def worker(self):
-        """The persistent worker thread (started on first use)."""
+        """The persistent worker thread (started when the module opens, or on first use)."""
         if self._worker is None or not self._worker.alive:
             self._worker = slicer_logic.ReconstructionWorker()
         return self._worker

@@ -72,6 +72,15 @@ def inner_step(model: Siren, params: Mapping[str, torch.Tensor], inner_lr: Mappi
     return {k: params[k] - inner_lr[k] * grads[k] for k in params}, loss
 
 
+def warm_up() -> None:
+    """One inner step of a tiny SIREN, so that PyTorch's one-time work on first use (torch.func
+    imports its compiler stack: about 1 s) is done before a user's first reconstruction."""
+    model = Siren(hidden_features=4, linear_layers=2)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    inner_step(model, params, {k: torch.full_like(v, 0.01) for k, v in params.items()},
+               torch.zeros(2, 3), torch.tensor([0.0, 1.0]), 1.0)
+
+
 def adapt(model: Siren, params: Mapping[str, torch.Tensor], inner_lr: Mapping[str, torch.Tensor],
           coords: torch.Tensor, target: torch.Tensor, steps: int, weight_decay: float,
           progress: Optional[Progress] = None) -> Tuple[Params, List[float]]:
