@@ -15,7 +15,6 @@ from MetaShapeReconLib import cli
 from MetaShapeReconLib.geometry import Geometry
 from MetaShapeReconLib.labelmap_io import read_labelmap, write_labelmap
 from MetaShapeReconLib.pipeline import dice
-from MetaShapeReconLib.prior import list_bundled_priors
 from MetaShapeReconLib.surface import boundary_edge_count
 from shapes import ellipsoid, sparse_planes
 
@@ -358,21 +357,6 @@ def test_more_bad_input_in_process(bad_cases, case, monkeypatch, capsys):
 def test_prior_not_found_lists_the_available_priors(bad_runs):
     message = bad_runs["prior not found"][0].stderr
     assert "'no-such-prior' not found" in message and "available-one" in message
-
-
-def test_main_job_command_says_no_prior_is_bundled_yet(tmp_path, monkeypatch):
-    monkeypatch.setenv("METASHAPERECON_PRIORS", "")
-    if list_bundled_priors():
-        pytest.skip(f"priors are bundled now ({', '.join(list_bundled_priors())}); "
-                    "test_prior_file covers the message")
-    labels, geometry, _, _ = sphere_case()
-    write_labelmap(str(tmp_path / "x.nii.gz"), sparse_planes(labels != 0, 2, 4, 1), geometry)
-    monkeypatch.chdir(tmp_path)
-    done = run_cli("reconstruct", "x.nii.gz", "y.nii.gz", script=True, env={"METASHAPERECON_PRIORS": ""})
-    assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and "no prior is bundled yet" in done.stderr
-    assert "--prior" in done.stderr  # and says what to do instead
-    assert sorted(os.listdir(tmp_path)) == ["x.nii.gz"]
 
 
 # --- the command line itself -------------------------------------------------------------------------------------
