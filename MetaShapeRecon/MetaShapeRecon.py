@@ -137,7 +137,8 @@ class MetaShapeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = MetaShapeReconLogic()
-        self.logic.worker()  # started now: it warms PyTorch up while the user draws
+        if not MetaShapeReconLogic.missingDependencies():
+            self.logic.worker()  # started now: it warms PyTorch up while the user draws
         self._populateChoices()
         self.ui.progressBar.hide()
 

@@ -850,6 +850,12 @@ class Task:
             self._done.set()
 
 
+def _warm_up_torch() -> None:
+    from .adaptation import warm_up  # imports torch: on the worker thread, never in the GUI's way
+
+    warm_up()
+
+
 class ReconstructionWorker:
     """One long-lived thread that runs every reconstruction: PyTorch keeps per-thread state
     (cuDNN handles, thread pools), so reusing a thread makes repeated runs faster. Work never
@@ -860,9 +866,7 @@ class ReconstructionWorker:
         self._thread = threading.Thread(target=self._loop, name="MetaShapeRecon worker", daemon=True)
         self._thread.start()
         if warm_up:  # PyTorch's first-use cost, paid while the user is still drawing
-            from .adaptation import warm_up as warm_up_torch
-
-            self.warm_up_task = self.submit(lambda task: warm_up_torch())
+            self.warm_up_task = self.submit(lambda task: _warm_up_torch())
 
     def _loop(self) -> None:
         while True:
