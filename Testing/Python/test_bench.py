@@ -18,10 +18,12 @@ def test_bench_short_prints_the_tables(tmp_path):
     for row in ("| ours, 1 step |", "| Fill between slices |", "| signed-distance interpolation |",
                 "| coarse-to-fine |", "| dense |", "| 256 x 256 x 300 |"):
         assert row in out, f"missing row {row!r} in:\n{out}"
-    assert "ours, 5 steps" in out or "step(s)" in out
+    assert "ours, 5 steps" in out
     assert "failed" not in out
-    if "untrained SIREN" in out:  # no prior bundled yet: timings only, Dice marked n/a
-        assert "n/a" in out
+    # the bundled kidney prior on the bundled sample: real Dice values, not an untrained stand-in
+    assert "prior: kidney" in out and "untrained SIREN" not in out
+    ours = [line for line in out.splitlines() if line.startswith("| ours, 5 steps |")]
+    assert ours and all(0.8 < float(line.split("|")[6]) <= 1.0 for line in ours), ours
 
 
 def test_bench_rejects_a_missing_prior_in_full_mode(tmp_path):
