@@ -391,7 +391,9 @@ def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config:
         for method in learned:
             lines.append(f"| {NAMES[method]} | " + " | ".join(_mean_std(_at_step(rows, method, setting, s))
                                                                 for s in (0, 1, 50, 100, "conv")) + " |")
-        lines += ["", f"## Table 5 — at convergence (early stopping, patience 10), {setting}", "",
+        converge = config["evaluate"]["converge"]
+        lines += ["", f"## Table 5 — at convergence (early stopping, patience {converge['patience']}, "
+                      f"at most {converge['max_steps']} steps), {setting}", "",
                   "| method | DSC_conv | steps | seconds |", "|---|---|---|---|"]
         for method in learned:
             converged = [r for r in _select(rows, method=method, setting=setting) if r["steps"] < 0]
