@@ -26,8 +26,8 @@ from MetaShapeReconLib.adaptation import adapt, choose_context, to_tensors
 from MetaShapeReconLib.baselines import fill_between_slices, signed_distance_interpolation
 from MetaShapeReconLib.frame import FrameSpec, centre_frame
 from MetaShapeReconLib.occupancy import OccupancyNetwork, evaluate_grid
-from MetaShapeReconLib.pipeline import dice, keep_drawn_planes, observed_context
-from MetaShapeReconLib.planes import ObservedPlanes, planes_from_rules
+from MetaShapeReconLib.pipeline import dice, observed_context
+from MetaShapeReconLib.planes import ObservedPlanes, keep_drawn_planes, planes_from_rules
 from MetaShapeReconLib.prior import Prior, load_prior
 from MetaShapeReconLib.siren import logits, reconstruction_loss
 from scipy import ndimage

@@ -189,10 +189,12 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
         best_dice = float(state.get("best_dice", -1))
         elapsed = float(state.get("seconds", 0))
     else:  # a new run: from scratch, or continuing an earlier prior (e.g. with a smaller outer step)
-        initial = load_prior(maml["init"]) if maml.get("init") else new_prior(config)
         if maml.get("init"):
+            initial = load_prior(maml["init"])
             earlier = dict(initial.card.get("training", {}))
             initial.card["training"] = {"initialised_from": dict(earlier, path=maml["init"])}
+        else:
+            initial = new_prior(config)
         learner = MetaLearner(initial, config, device)
         best_dice, elapsed = -1.0, 0.0
     learner.card.setdefault("training", {})

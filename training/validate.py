@@ -4,17 +4,12 @@ from typing import List, Sequence
 
 import numpy as np
 from MetaShapeReconLib.pipeline import dice, reconstruct
-from MetaShapeReconLib.planes import parse_slices, planes_from_rules
+from MetaShapeReconLib.planes import keep_drawn_planes, parse_slices, planes_from_rules
 
 
 def sparse_input(mask: np.ndarray, planes) -> np.ndarray:
     """The labelmap a user would have drawn: the structure on the observed planes only."""
-    sparse = np.zeros(mask.shape, dtype=np.uint8)
-    for axis, indices in planes.items():
-        index = [slice(None)] * 3
-        index[axis] = indices
-        sparse[tuple(index)] = mask[tuple(index)]
-    return sparse
+    return keep_drawn_planes(np.zeros(mask.shape, dtype=np.uint8), mask, planes)
 
 
 def validate(prior, shapes, slices: str, steps: Sequence[int], seed: int = 0) -> List[dict]:

@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import InputError
 from .geometry import Geometry
+from .planes import keep_drawn_planes
 
 PlanesLike = Mapping[int, Sequence[int]]
 
@@ -58,14 +59,6 @@ def _checked_inputs(sparse_mask: np.ndarray, planes: PlanesLike, geometry: Optio
         raise InputError("the observed planes hold no foreground: nothing to interpolate")
     spacing = tuple(float(s) for s in geometry.spacing) if geometry is not None else (1.0, 1.0, 1.0)
     return drawn, checked, spacing
-
-
-def keep_drawn_planes(output: np.ndarray, drawn: np.ndarray, planes: dict) -> np.ndarray:
-    for axis, indices in planes.items():
-        index = [slice(None)] * 3
-        index[axis] = indices
-        output[tuple(index)] = drawn[tuple(index)]
-    return output
 
 
 # --- Fill between slices ---------------------------------------------------------------------

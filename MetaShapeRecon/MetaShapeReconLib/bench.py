@@ -154,16 +154,11 @@ def load_bench_prior(name: str, short: bool):
 
 def sparse_input(truth: np.ndarray, geometry: Geometry, axis_name: str, step: int):
     """The drawing: the truth on the planes `axis_name`:step:step//2 and nothing elsewhere."""
-    from .planes import parse_slices, planes_from_rules
+    from .planes import keep_drawn_planes, parse_slices, planes_from_rules
 
     spec = f"{axis_name}:{step}:{step // 2}"
     planes = planes_from_rules(parse_slices(spec), geometry)
-    sparse = np.zeros(truth.shape, dtype=np.uint8)
-    for axis, indices in planes.items():
-        index = [slice(None)] * 3
-        index[axis] = indices
-        sparse[tuple(index)] = truth[tuple(index)]
-    return sparse, planes, spec
+    return keep_drawn_planes(np.zeros(truth.shape, dtype=np.uint8), truth, planes), planes, spec
 
 
 # --- measuring --------------------------------------------------------------------------------

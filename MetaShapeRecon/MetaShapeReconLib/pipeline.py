@@ -20,7 +20,7 @@ from .errors import InputError
 from .frame import CanonicalFrame, centre_frame, fits_in_frame, observed_foreground_points
 from .geometry import Geometry
 from .occupancy import OccupancyNetwork, evaluate_grid
-from .planes import ObservedPlanes, describe_planes, observed_mask, select_planes
+from .planes import ObservedPlanes, describe_planes, keep_drawn_planes, observed_mask, select_planes
 from .prior import Prior
 
 
@@ -117,13 +117,6 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
-
-
-def keep_drawn_planes(output: np.ndarray, mask: np.ndarray, planes: ObservedPlanes) -> None:
-    for axis, indices in planes.items():
-        index = [slice(None)] * 3
-        index[axis] = indices
-        output[tuple(index)] = mask[tuple(index)]
 
 
 def _drawn_dice(prediction: np.ndarray, mask: np.ndarray, planes: ObservedPlanes) -> float:

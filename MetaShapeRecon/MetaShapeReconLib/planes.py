@@ -161,6 +161,15 @@ def describe_planes(planes: ObservedPlanes, geometry: Geometry) -> List[dict]:
     return described
 
 
+def keep_drawn_planes(output: np.ndarray, drawn: np.ndarray, planes: ObservedPlanes) -> np.ndarray:
+    """`output` with the voxels of the observed planes taken from `drawn` (in place; returned)."""
+    for axis, indices in planes.items():
+        index = [slice(None)] * 3
+        index[axis] = indices
+        output[tuple(index)] = drawn[tuple(index)]
+    return output
+
+
 def observed_mask(shape: Sequence[int], planes: ObservedPlanes, region: Optional[Tuple[slice, ...]] = None
                   ) -> np.ndarray:
     """Boolean mask of observed voxels over `region` (a box of slices; whole grid by default)."""

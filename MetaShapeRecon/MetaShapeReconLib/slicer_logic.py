@@ -861,12 +861,12 @@ class ReconstructionWorker:
     (cuDNN handles, thread pools), so reusing a thread makes repeated runs faster. Work never
     touches MRML or Qt; the main thread applies the results."""
 
-    def __init__(self, warm_up: bool = True):
+    def __init__(self):
         self._tasks = queue.Queue()  # Task, or None to stop
         self._thread = threading.Thread(target=self._loop, name="MetaShapeRecon worker", daemon=True)
         self._thread.start()
-        if warm_up:  # PyTorch's first-use cost, paid while the user is still drawing
-            self.warm_up_task = self.submit(lambda task: _warm_up_torch())
+        # the first task pays PyTorch's first-use cost while the user is still drawing
+        self.warm_up_task = self.submit(lambda task: _warm_up_torch())
 
     def _loop(self) -> None:
         while True:
