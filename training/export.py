@@ -22,9 +22,12 @@ def export_prior(config: dict, prior_path: str, name: str, results_dir: Optional
     card["name"] = name
     card["anatomy"] = config.get("anatomy") or card.get("anatomy", "")
     card["description"] = config.get("description", card.get("description", ""))
+    # the run's own settings (recorded by `train`); older priors: those of the config given here
+    card["meta_training"] = card.get("training", {}).get("settings") or meta_training_settings(config)
+    # reconstruction draws its context the way the prior was meta-trained, whatever this config says
     card["adaptation"].update(steps=int(config["adaptation"]["steps"]),
                               context_points=int(config["adaptation"]["context_points"]),
-                              context_sampling=config["adaptation"].get("context_sampling", "uniform"))
+                              context_sampling=card["meta_training"].get("context_sampling", "uniform"))
     card["license"] = config.get("license", card.get("license", ""))
     card["attribution"] = config.get("attribution", card.get("attribution", ""))
     try:
@@ -38,8 +41,6 @@ def export_prior(config: dict, prior_path: str, name: str, results_dir: Optional
         }
     except SystemExit:
         pass
-    # the run's own settings (recorded by `train`); older priors: those of the config given here
-    card["meta_training"] = card.get("training", {}).get("settings") or meta_training_settings(config)
     training = card.setdefault("training", {})
     phases, earlier = [], training
     while isinstance(earlier, dict) and earlier:  # a run continued from an earlier prior (maml.init)

@@ -27,13 +27,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def card_adaptation(config: dict) -> dict:
+    """Reconstruction settings for the card of a prior this run trains: validation reconstructs as
+    the product will (context points and sampling), whatever the card of a `maml.init` prior said."""
+    return dict(config["adaptation"], weight_decay=config["loss"]["weight_decay"])
+
+
 def new_prior(config: dict) -> Prior:
     model = config["model"]
     return initial_prior(config["name"], config["frame"]["extent_mm"], omega_0=model["omega_0"],
                          hidden_features=model["hidden_features"], linear_layers=model["linear_layers"],
                          inner_lr=config["maml"]["inner_lr"], seed=config["seed"],
-                         adaptation=dict(config["adaptation"], weight_decay=config["loss"]["weight_decay"]),
-                         anatomy=config.get("anatomy", ""))
+                         adaptation=card_adaptation(config), anatomy=config.get("anatomy", ""))
 
 
 def save_optimizer(optimizer: torch.optim.Optimizer, path: str, extra: Dict[str, float]) -> None:
@@ -193,6 +198,7 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
             initial = load_prior(maml["init"])
             earlier = dict(initial.card.get("training", {}))
             initial.card["training"] = {"initialised_from": dict(earlier, path=maml["init"])}
+            initial.card["adaptation"] = dict(initial.card.get("adaptation", {}), **card_adaptation(config))
         else:
             initial = new_prior(config)
         learner = MetaLearner(initial, config, device)

@@ -151,7 +151,34 @@ def test_export_then_engine_load_predicts_identically(tmp_path):
     for name in learner.inner_lr:
         assert torch.equal(learner.inner_lr[name].detach(), exported.inner_lr[name])
     with open(card) as handle:
-        assert json.load(handle)["training"]["method"] == "maml"
+        written = json.load(handle)
+    assert written["training"]["method"] == "maml"
+    assert written["meta_training"]["outer_lr"] == config["maml"]["outer_lr"]
+
+
+def test_a_continued_run_validates_with_its_own_reconstruction_settings(tmp_path):
+    """`maml.init`: the new run's card (what validation reconstructs with) takes this config's context."""
+    shapes = shapes_from_family(4)
+    first = train_maml(small_config(**{"maml.iterations": 1}), str(tmp_path / "first"), shapes=shapes)
+    assert load_prior(first).adaptation["context_sampling"] == "uniform"
+    config = small_config(**{"maml.iterations": 1, "maml.init": first, "adaptation.context_points": 2048,
+                             "adaptation.context_sampling": "balanced"})
+    continued = load_prior(train_maml(config, str(tmp_path / "continued"), shapes=shapes))
+    assert continued.adaptation["context_sampling"] == "balanced"
+    assert continued.adaptation["context_points"] == 2048
+    assert continued.card["training"]["initialised_from"]["path"] == first
+
+
+def test_export_keeps_the_context_sampling_the_prior_was_trained_with(tmp_path):
+    config = small_config(**{"maml.iterations": 1, "adaptation.context_sampling": "balanced"})
+    path = train_maml(config, str(tmp_path / "run"), shapes=shapes_from_family(4))
+    from training.export import export_prior
+
+    other = small_config(**{"adaptation.context_sampling": "uniform"})  # a config that disagrees
+    with open(export_prior(other, path, "exported", None, str(tmp_path / "priors"))) as handle:
+        card = json.load(handle)
+    assert card["meta_training"]["context_sampling"] == "balanced"
+    assert card["adaptation"]["context_sampling"] == "balanced"
 
 
 @pytest.mark.slow
