@@ -179,6 +179,11 @@ class MetaLearner:
         return {"loss": float(objective.detach()), "loss_first_step": float(per_step[0]), "loss_last_step": float(per_step[-1])}
 
 
+def draw_shapes(shapes: List[Shape], rng: np.random.Generator, count: int) -> List[Shape]:
+    """The shapes of one meta-batch (with replacement only when there are fewer than `count`)."""
+    return [shapes[i] for i in rng.choice(len(shapes), size=count, replace=len(shapes) < count)]
+
+
 def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optional[List[Shape]] = None,
                val_shapes: Optional[List[Shape]] = None) -> str:
     """Meta-train; returns the path of the best prior (by validation Dice after one step)."""
@@ -226,9 +231,8 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
                        {"iteration": iteration, "best_dice": best_dice, "seconds": time.perf_counter() - started})
 
     for iteration in range(start, iterations):
-        chosen = [shapes[i] for i in rng.choice(len(shapes), size=int(maml["meta_batch"]), replace=len(shapes) < int(maml["meta_batch"]))]
         first_order = iteration < int(maml["first_order_iterations"])
-        values = learner.outer_step(sampler.batch(chosen), first_order)
+        values = learner.outer_step(sampler.batch(draw_shapes(shapes, rng, int(maml["meta_batch"]))), first_order)
         log.write(iteration=iteration + 1, seconds=time.perf_counter() - started, first_order=int(first_order), **values)
         bar.set_postfix(loss=f"{values['loss']:.3f}", first=f"{values['loss_first_step']:.3f}")
         bar.update(1)
@@ -265,7 +269,6 @@ def _follow(learner: "MetaLearner", config: dict, shapes: List[Shape], rng, samp
     """The outer loop of a process other than rank 0: same steps, no files."""
     maml = config["maml"]
     for iteration in range(start, int(maml["iterations"])):
-        chosen = [shapes[i] for i in rng.choice(len(shapes), size=int(maml["meta_batch"]),
-                                                replace=len(shapes) < int(maml["meta_batch"]))]
-        learner.outer_step(sampler.batch(chosen), iteration < int(maml["first_order_iterations"]))
+        learner.outer_step(sampler.batch(draw_shapes(shapes, rng, int(maml["meta_batch"]))),
+                           iteration < int(maml["first_order_iterations"]))
     return ""
