@@ -1,10 +1,12 @@
-"""`python -m training <command>`: prepare, train, evaluate, export (and publish).
+"""`python -m training <command>`: prepare, train, tune, evaluate, export (and publish).
 
 Each command reads a YAML config (defaults: training/config.py) and `--set key.path=value`
 overrides, e.g.
 
     python -m training prepare --config training/configs/kidney.yaml
     python -m training train   --config training/configs/kidney.yaml --method maml --out runs/kidney
+    python -m training tune    --config training/configs/kidney.yaml --prior runs/kidney/best.safetensors \
+        --setting first_step_scale=1,1.4,1.7
     python -m training evaluate --config training/configs/kidney.yaml --prior runs/kidney/best.safetensors
     python -m training export  --config training/configs/kidney.yaml --prior runs/kidney/best.safetensors \
         --name kidney --results runs/kidney/evaluation
@@ -52,6 +54,11 @@ def main(argv=None) -> int:
     export.add_argument("--results", help="evaluation folder whose tables go into the model card")
     export.add_argument("--out", default="Resources/Priors")
 
+    tune = command("tune", "validation Dice for each value of a reconstruction setting (the card's adaptation)")
+    tune.add_argument("--prior", required=True, help="prior (.safetensors)")
+    tune.add_argument("--setting", required=True, metavar="NAME=V1,V2,...",
+                      help="an adaptation setting and the values to try, e.g. first_step_scale=1,1.4,1.7")
+
     publish = commands.add_parser("publish", help="gather evaluation folders into docs/RESULTS.md")
     publish.add_argument("--results", nargs="+", required=True, metavar="NAME=FOLDER")
     publish.add_argument("--out", default="docs")
@@ -86,6 +93,12 @@ def main(argv=None) -> int:
         from .evaluate import run_evaluation
 
         run_evaluation(config, args)
+    elif args.command == "tune":
+        from .tune import format_row, header, parse_setting, tune, validation_shapes
+
+        shapes = validation_shapes(config)
+        print(header(parse_setting(args.setting)[0], len(shapes), config), flush=True)
+        tune(config, args.prior, args.setting, shapes, report=lambda row: print(format_row(row), flush=True))
     elif args.command == "export":
         from .export import export_prior
 

@@ -67,8 +67,9 @@ DEFAULTS: Dict[str, Any] = {
         "test_lr": 1.0e-2,
     },
     # reconstruction-time settings written into the prior's model card; context_sampling is
-    # also how meta-training draws its context (uniform, or balanced: half foreground)
-    "adaptation": {"steps": 5, "context_points": 8192, "context_sampling": "uniform"},
+    # also how meta-training draws its context (uniform, or balanced: half foreground);
+    # first_step_scale lengthens the first inner step (chosen after training with `tune`)
+    "adaptation": {"steps": 5, "context_points": 8192, "context_sampling": "uniform", "first_step_scale": 1.0},
     "validation": {"every": 250, "cases": 12, "slices": "sagittal:8"},
     "checkpoint": {"every": 100},
     "evaluate": {
@@ -95,7 +96,7 @@ def deep_update(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
     return base
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
@@ -120,5 +121,5 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = _parse_value(text)
+        node[parts[-1]] = parse_value(text)
     return config

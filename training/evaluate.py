@@ -128,7 +128,8 @@ def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_
     for step in range(1, max_steps + 1):
         started = time.perf_counter()
         if step <= meta_steps:
-            params, losses = adapt(model, params, lrs, x, y, 1, weight_decay)
+            params, losses = adapt(model, params, lrs, x, y, 1, weight_decay,
+                                   first_step_scale=prior.first_step_scale if step == 1 else 1.0)
             loss = losses[0]
         else:
             if optimiser is None:
@@ -257,7 +258,7 @@ def run_evaluation(config: dict, args) -> None:
     shapes = load_shapes(config["data"]["cache"], split["test"], float(config["tasks"]["boundary_mm"]),
                          limit=int(config["evaluate"]["cases"]))
     settings = list(config["evaluate"]["settings"])
-    rows = _run(shapes, settings, methods, config, device, "evaluate")
+    rows = evaluate_settings(shapes, settings, methods, config, device, "evaluate")
     transfer_rows = []
     for spec in args.transfer:
         name, other_path = spec.split("=", 1)
@@ -266,12 +267,12 @@ def run_evaluation(config: dict, args) -> None:
         other_shapes = load_shapes(other["data"]["cache"], other_split["test"], 2.0,
                                    limit=int(config["evaluate"]["transfer_cases"]))
         siren_methods = {k: v for k, v in methods.items() if k in ("maml", "pretrain")}
-        for row in _run(other_shapes, ["sagittal:8"], siren_methods, config, device, f"transfer {name}"):
+        for row in evaluate_settings(other_shapes, ["sagittal:8"], siren_methods, config, device, f"transfer {name}"):
             transfer_rows.append(dict(row, target=name))
     write_results(args.out, rows, transfer_rows, config, methods, args)
 
 
-def _run(shapes, settings, methods, config, device, label) -> List[dict]:
+def evaluate_settings(shapes, settings, methods, config, device, label) -> List[dict]:
     rng = np.random.default_rng(int(config["seed"]))
     rows = []
     bar = progress_bar(total=len(shapes) * len(settings), desc=label, unit="input")

@@ -27,6 +27,7 @@ def export_prior(config: dict, prior_path: str, name: str, results_dir: Optional
     # reconstruction draws its context the way the prior was meta-trained, whatever this config says
     card["adaptation"].update(steps=int(config["adaptation"]["steps"]),
                               context_points=int(config["adaptation"]["context_points"]),
+                              first_step_scale=float(config["adaptation"]["first_step_scale"]),
                               context_sampling=card["meta_training"].get("context_sampling", "uniform"))
     card["license"] = config.get("license", card.get("license", ""))
     card["attribution"] = config.get("attribution", card.get("attribution", ""))

@@ -31,6 +31,7 @@ DEFAULT_ADAPTATION = {
     "context_points": 8192,
     "weight_decay": 100.0,
     "context_sampling": "uniform",
+    "first_step_scale": 1.0,
     "auto": {"optimizer": "adam", "lr": 1e-4, "patience": 10, "max_steps": 1000},
 }
 
@@ -44,7 +45,7 @@ def merged_adaptation(card: Mapping) -> dict:
     return merged
 
 
-def _check_adaptation(card: Mapping) -> None:
+def check_adaptation(card: Mapping) -> None:
     """Raise ValueError/TypeError unless the card's adaptation settings are usable numbers."""
     settings = card.get("adaptation", {})
     if not isinstance(settings, dict) or not isinstance(settings.get("auto", {}), dict):
@@ -53,7 +54,8 @@ def _check_adaptation(card: Mapping) -> None:
     auto = merged["auto"]
     checks = [("steps", merged["steps"], int, 0), ("context_points", merged["context_points"], int, 1),
               ("weight_decay", merged["weight_decay"], float, 0.0), ("auto.lr", auto["lr"], float, 0.0),
-              ("auto.patience", auto["patience"], int, 1), ("auto.max_steps", auto["max_steps"], int, 0)]
+              ("auto.patience", auto["patience"], int, 1), ("auto.max_steps", auto["max_steps"], int, 0),
+              ("first_step_scale", merged["first_step_scale"], float, 0.0)]
     if "inner_lr" in merged:
         checks.append(("inner_lr", merged["inner_lr"], float, 0.0))
     if merged["context_sampling"] not in CONTEXT_SAMPLING:
@@ -64,6 +66,8 @@ def _check_adaptation(card: Mapping) -> None:
                 or (kind is int and value != int(value)) or value < lowest:
             raise ValueError(f"adaptation.{name} = {value!r} is not a {'whole ' if kind is int else ''}"
                              f"number >= {lowest}")
+    if merged["first_step_scale"] == 0:
+        raise ValueError("adaptation.first_step_scale = 0 would make the first step do nothing: expected a number > 0")
 
 
 @dataclass
@@ -91,6 +95,10 @@ class Prior:
     @property
     def default_steps(self) -> int:
         return int(self.adaptation["steps"])
+
+    @property
+    def first_step_scale(self) -> float:
+        return float(self.adaptation["first_step_scale"])
 
     def to(self, device) -> "Prior":
         return Prior(self.model.to(device), {k: v.to(device) for k, v in self.params.items()},
@@ -188,7 +196,7 @@ def _check_card(card: dict, where: str) -> Siren:
         if not isinstance(card["frame"], dict):
             raise ValueError("frame must be a JSON object")
         FrameSpec.from_metadata(card["frame"])
-        _check_adaptation(card)
+        check_adaptation(card)
     except KeyError as error:
         raise InputError(f"{where}: incompatible model card (no {error} entry)") from None
     except (TypeError, ValueError) as error:

@@ -207,6 +207,9 @@ def test_non_finite_weights(saved):
     (lambda c: c.update(adaptation={"context_points": 0}), "incompatible model card"),
     (lambda c: c.update(adaptation={"auto": {"lr": -1}}), "incompatible model card"),
     (lambda c: c.update(adaptation=[5]), "incompatible model card"),
+    (lambda c: c.update(adaptation={"first_step_scale": 0}), "first_step_scale = 0 would make the first step do nothing"),
+    (lambda c: c.update(adaptation={"first_step_scale": -1.5}), "first_step_scale = -1.5 is not a number >= 0"),
+    (lambda c: c.update(adaptation={"first_step_scale": "long"}), "first_step_scale = 'long' is not a number"),
 ])
 def test_incompatible_model_card(saved, change, phrase):
     _, stem = saved

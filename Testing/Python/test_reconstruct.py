@@ -200,3 +200,26 @@ def test_shape_larger_than_the_frame_warns():
     prior = quick_prior(hidden_features=16, extent_mm=20.0, context_points=256)
     result = reconstruct(labels, geometry, prior, steps=0, slices="axial:1", device="cpu")
     assert any("larger than the prior's" in w for w in result.report["warnings"])
+
+
+def test_first_step_scale_lengthens_the_first_step_only(small_case):
+    """The card's first_step_scale multiplies the first inner step's step sizes and no other's."""
+    import copy
+
+    from MetaShapeReconLib.prior import Prior
+
+    sparse, geometry, _, prior = small_case
+
+    def variant(scale, lr_factor):
+        card = copy.deepcopy(prior.card)
+        card["adaptation"]["first_step_scale"] = scale
+        return Prior(prior.model, prior.params, {k: v * lr_factor for k, v in prior.inner_lr.items()}, card)
+
+    def losses(candidate):
+        return reconstruct(sparse, geometry, candidate, steps=3, device="cpu").report["loss"]
+
+    scaled, doubled, plain = losses(variant(2.0, 1.0)), losses(variant(1.0, 2.0)), losses(variant(1.0, 1.0))
+    assert scaled[0] == doubled[0] == plain[0]  # the prior itself
+    assert scaled[1] == pytest.approx(doubled[1], rel=1e-5)  # first step: twice the step sizes
+    assert scaled[1] != pytest.approx(plain[1], rel=1e-3)
+    assert scaled[2] != pytest.approx(doubled[2], rel=1e-3)  # second step: the prior's own step sizes

@@ -134,7 +134,7 @@ def test_maml_outer_steps_lower_the_post_adaptation_loss():
 
 
 def test_export_then_engine_load_predicts_identically(tmp_path):
-    config = small_config(**{"maml.iterations": 2})
+    config = small_config(**{"maml.iterations": 2, "adaptation.first_step_scale": 1.5})
     shapes = shapes_from_family(4)
     path = train_maml(config, str(tmp_path / "run"), shapes=shapes)
     trained = load_prior(path)
@@ -154,6 +154,35 @@ def test_export_then_engine_load_predicts_identically(tmp_path):
         written = json.load(handle)
     assert written["training"]["method"] == "maml"
     assert written["meta_training"]["outer_lr"] == config["maml"]["outer_lr"]
+    assert exported.first_step_scale == 1.5
+
+
+def test_tune_reports_validation_dice_for_each_value(tmp_path):
+    from training.tune import format_row, header, tune
+
+    shapes = shapes_from_family(2, seed=5)
+    config = small_config(**{"maml.iterations": 2, "validation.slices": "sagittal:6",
+                             "evaluate.settings": ["sagittal:6", "orthogonal"]})
+    path = train_maml(config, str(tmp_path / "run"), shapes=shapes_from_family(4))
+    reported = []
+    rows = tune(config, path, "adaptation.first_step_scale=1,30", shapes, report=reported.append)
+    assert reported == rows and [r["value"] for r in rows] == [1, 30]
+    for row in rows:
+        assert row["default_steps"] == config["adaptation"]["steps"] and row["seconds"] > 0
+        assert list(row["settings"]) == ["sagittal:6", "orthogonal"]
+        assert all(0.0 <= v["dice"] <= 1.0 and v["asd"] >= 0 for v in row["settings"].values())
+    assert rows[0]["dice_1_step"] != rows[1]["dice_1_step"]  # the value reached the reconstruction
+    assert format_row(rows[1]).startswith("| 30 | 5 | ")
+    assert header("first_step_scale", 2, config).splitlines()[1:] == [
+        "| first_step_scale | steps | 1 step | sagittal:6 | orthogonal | seconds |", "|---|---|---|---|---|---|"]
+    with pytest.raises(SystemExit, match="not one of the prior's adaptation settings: steps, context_points"):
+        tune(config, path, "inner_steps=1,2", shapes)
+    with pytest.raises(SystemExit, match="first_step_scale=-1: adaptation.first_step_scale = -1 is not a number"):
+        tune(config, path, "first_step_scale=-1", shapes)
+    with pytest.raises(SystemExit, match="expected NAME=V1,V2"):
+        tune(config, path, "first_step_scale", shapes)
+    with pytest.raises(SystemExit, match="validation.slices 'axial:4' is not one of evaluate.settings"):
+        tune(dict(config, validation=dict(config["validation"], slices="axial:4")), path, "first_step_scale=1", shapes)
 
 
 def test_a_continued_run_validates_with_its_own_reconstruction_settings(tmp_path):

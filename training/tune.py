@@ -1,0 +1,94 @@
+"""`tune`: validation Dice of a prior for each value of one reconstruction setting.
+
+Reconstruction settings (the model card's `adaptation`: steps, context points, the first step's
+scale, ...) are chosen after training, on the validation shapes, never on the test split. For
+each value this reconstructs every validation shape from every input setting of `evaluate`
+(parallel planes, three orthogonal planes, planes in two orientations) and prints Dice and ASD
+after the default steps, Dice after one step, and the time of a reconstruction.
+"""
+
+import copy
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from MetaShapeReconLib.prior import check_adaptation, load_prior
+
+from .config import parse_value
+from .data import load_shapes, load_split
+from .evaluate import evaluate_settings
+
+
+def parse_setting(text: str):
+    """`NAME=V1,V2,...` -> (name, [values])."""
+    name, sep, values = text.partition("=")
+    name = name.strip()
+    if name.startswith("adaptation."):
+        name = name[len("adaptation."):]
+    if not sep or not name or not values.strip():
+        raise SystemExit(f"--setting {text!r}: expected NAME=V1,V2,... (e.g. first_step_scale=1,1.4,1.7)")
+    return name, [parse_value(v.strip()) for v in values.split(",") if v.strip()]
+
+
+def validation_shapes(config: dict):
+    shapes = load_shapes(config["data"]["cache"], load_split(config)["val"], limit=int(config["validation"]["cases"]))
+    if not shapes:
+        raise SystemExit("no validation shapes: check the cache and the split")
+    return shapes
+
+
+def tune(config: dict, prior_path: str, setting: str, shapes: Sequence,
+         report: Optional[Callable[[dict], None]] = None) -> List[dict]:
+    """One row per value: the mean Dice and ASD after the default steps in every input setting of
+    `evaluate.settings` (planes drawn as `evaluate` draws them, the same for every value), the Dice
+    after one step from `validation.slices`, and the seconds of a reconstruction; `report`
+    receives each row as soon as it is measured."""
+    name, values = parse_setting(setting)
+    settings = list(config["evaluate"]["settings"])
+    if config["validation"]["slices"] not in settings:
+        raise SystemExit(f"validation.slices {config['validation']['slices']!r} is not one of evaluate.settings "
+                         f"{settings}: the Dice after one step is measured there")
+    plain = copy.deepcopy(config)
+    plain["evaluate"]["trajectory_settings"] = []  # ours after 1 and the default steps only
+    rows = []
+    for value in values:
+        prior = load_prior(prior_path)
+        if name not in prior.adaptation or name == "auto":
+            raise SystemExit(f"--setting {name!r} is not one of the prior's adaptation settings: "
+                             f"{', '.join(k for k in prior.adaptation if k != 'auto')}")
+        prior.card["adaptation"][name] = value
+        try:
+            check_adaptation(prior.card)
+        except (TypeError, ValueError) as error:
+            raise SystemExit(f"--setting {name}={value!r}: {error}") from None
+        results = evaluate_settings(shapes, settings, {"maml": prior}, plain, torch.device("cpu"), f"{name}={value}")
+        default = prior.default_steps
+        rows.append({
+            "value": value, "default_steps": default,
+            "dice_1_step": _mean(results, "dice", config["validation"]["slices"], 1),
+            "settings": {s: {"dice": _mean(results, "dice", s, default), "asd": _mean(results, "asd", s, default)}
+                         for s in settings},
+            "seconds": float(np.mean([r["seconds"] for r in results if r["steps"] == default])),
+        })
+        if report is not None:
+            report(rows[-1])
+    return rows
+
+
+def _mean(results: Sequence[dict], key: str, setting: str, steps: int) -> float:
+    return float(np.mean([r[key] for r in results if r["setting"] == setting and r["steps"] == steps]))
+
+
+def header(name: str, shapes: int, config: dict) -> str:
+    settings = list(config["evaluate"]["settings"])
+    return "\n".join([
+        f"{shapes} validation shapes; Dice / ASD (mm) after the default steps, Dice after 1 step from "
+        f"{config['validation']['slices']}, seconds of one reconstruction on the shape's crop",
+        f"| {name} | steps | 1 step | " + " | ".join(settings) + " | seconds |",
+        "|---" * (len(settings) + 4) + "|"])
+
+
+def format_row(row: dict) -> str:
+    cells = [f"{v['dice']:.4f} / {v['asd']:.2f}" for v in row["settings"].values()]
+    return (f"| {row['value']} | {row['default_steps']} | {row['dice_1_step']:.4f} | " + " | ".join(cells)
+            + f" | {row['seconds']:.2f} |")
