@@ -27,7 +27,7 @@ from MetaShapeReconLib.baselines import fill_between_slices, signed_distance_int
 from MetaShapeReconLib.frame import FrameSpec, centre_frame
 from MetaShapeReconLib.occupancy import OccupancyNetwork, evaluate_grid
 from MetaShapeReconLib.pipeline import dice, observed_context
-from MetaShapeReconLib.planes import ObservedPlanes, keep_drawn_planes, planes_from_rules
+from MetaShapeReconLib.planes import ObservedPlanes, drop_unsupported_parts, keep_drawn_planes, planes_from_rules
 from MetaShapeReconLib.prior import Prior, load_prior
 from MetaShapeReconLib.siren import logits, reconstruction_loss
 from scipy import ndimage
@@ -100,7 +100,8 @@ class Trajectory:
         started = time.perf_counter()
         output = self.evaluate(state)
         if self.planes is not None:
-            keep_drawn_planes(output, self.truth, self.planes)  # as the product does: the drawing stands
+            keep_drawn_planes(output, self.truth, self.planes)  # as the product does: the drawing stands,
+            drop_unsupported_parts(output, self.planes)  # and parts it does not touch go
         seconds = self.adapt_seconds + time.perf_counter() - started
         self.rows.append(dict(metrics(output, self.truth, self.spacing), steps=step, seconds=seconds))
 

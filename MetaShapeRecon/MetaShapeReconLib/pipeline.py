@@ -5,7 +5,8 @@ Slicer module and the benchmarks share.
 2. the case placed in the prior's canonical frame, centred on the observed foreground;
 3. the prior adapted to the observed voxels (whole planes: foreground and background);
 4. the adapted network evaluated on the output grid, coarse-to-fine;
-5. on the observed planes, the output keeps what the user drew.
+5. on the observed planes, the output keeps what the user drew, and the parts of the output
+   that touch nothing drawn are removed.
 """
 
 import time
@@ -20,7 +21,7 @@ from .errors import InputError
 from .frame import CanonicalFrame, centre_frame, fits_in_frame, observed_foreground_points
 from .geometry import Geometry
 from .occupancy import OccupancyNetwork, evaluate_grid
-from .planes import ObservedPlanes, describe_planes, keep_drawn_planes, observed_mask, select_planes
+from .planes import ObservedPlanes, describe_planes, drop_unsupported_parts, keep_drawn_planes, observed_mask, select_planes
 from .prior import Prior
 
 
@@ -188,8 +189,10 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
     if same_grid:
         drawn_dice = _drawn_dice(output, mask, planes)
         keep_drawn_planes(output, mask, planes)  # the user's drawing is the truth on the observed planes
+        removed_parts, removed_voxels = drop_unsupported_parts(output, planes)
     else:
         drawn_dice = dice(network.probabilities(coords[chosen]) >= 0.5, target[chosen])
+        removed_parts = removed_voxels = 0
     if not output.any():
         warnings.append("the reconstruction is empty")
 
@@ -207,7 +210,8 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
         "dice_observed_planes": drawn_dice,
         "evaluation": {"method": evaluation, "network_evaluations": network.evaluated},
         "output": dict(output_geometry.to_dict(), foreground_voxels=int(output.sum()),
-                       volume_ml=float(output.sum()) * voxel_ml, keeps_drawn_planes=same_grid),
+                       volume_ml=float(output.sum()) * voxel_ml, keeps_drawn_planes=same_grid,
+                       unsupported_parts_removed={"parts": removed_parts, "voxels": removed_voxels}),
         "warnings": warnings,
         "timings_s": dict(timings, reconstruct=time.perf_counter() - started),
     }

@@ -170,6 +170,26 @@ def keep_drawn_planes(output: np.ndarray, drawn: np.ndarray, planes: ObservedPla
     return output
 
 
+def drop_unsupported_parts(output: np.ndarray, planes: ObservedPlanes) -> Tuple[int, int]:
+    """Remove the connected parts of `output` (26-connected) that touch no foreground voxel of the
+    observed planes: nothing the user drew supports them. Call after `keep_drawn_planes`, so the
+    planes hold the drawing. In place; returns (parts removed, voxels removed)."""
+    import SimpleITK as sitk
+
+    foreground = [np.nonzero(output.any(axis=others))[0] for others in ((1, 2), (0, 2), (0, 1))]
+    if any(len(f) == 0 for f in foreground):
+        return 0, 0
+    box = tuple(slice(int(f[0]), int(f[-1]) + 1) for f in foreground)
+    region = output[box]
+    parts = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(region.astype(np.uint8)), True))
+    supported = np.zeros(int(parts.max()) + 1, dtype=bool)
+    supported[np.unique(parts[observed_mask(output.shape, planes, box) & (parts > 0)])] = True
+    unsupported = (parts > 0) & ~supported[parts]
+    count, voxels = int(parts.max()) - int(supported[1:].sum()), int(unsupported.sum())
+    region[unsupported] = 0
+    return count, voxels
+
+
 def observed_mask(shape: Sequence[int], planes: ObservedPlanes, region: Optional[Tuple[slice, ...]] = None
                   ) -> np.ndarray:
     """Boolean mask of observed voxels over `region` (a box of slices; whole grid by default)."""

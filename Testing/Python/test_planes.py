@@ -5,7 +5,15 @@ import pytest
 from fitted import OBLIQUE_DIRECTION, grid_centre, rotation
 from MetaShapeReconLib.errors import InputError
 from MetaShapeReconLib.geometry import Geometry
-from MetaShapeReconLib.planes import describe_planes, detect_planes, observed_mask, parse_slices, select_planes
+from MetaShapeReconLib.planes import (
+    describe_planes,
+    detect_planes,
+    drop_unsupported_parts,
+    keep_drawn_planes,
+    observed_mask,
+    parse_slices,
+    select_planes,
+)
 from shapes import ellipsoid, sparse_planes
 
 
@@ -143,3 +151,23 @@ def test_observed_mask_marks_whole_planes():
     assert observed.sum() == 2 * 12 + 8 * 4 - 2 * 4
     region = (slice(4, 8), slice(0, 4), slice(1, 3))
     assert observed_mask((8, 4, 3), planes, region).sum() == 8  # plane 5 only, k = 0 outside
+
+
+def test_parts_the_drawing_does_not_touch_are_dropped():
+    """A result part counts only when it reaches the drawing on an observed plane."""
+    drawn = np.zeros((20, 20, 20), np.uint8)
+    drawn[5, 4:9, 4:9] = 1  # the structure drawn on sagittal plane 5 (plane 15 is drawn empty)
+    planes = {0: np.array([5, 15])}
+    output = np.zeros_like(drawn)
+    output[3:8, 3:10, 3:10] = 1  # through the drawing: kept
+    output[10:13, 15:18, 15:18] = 1  # between the planes, touching nothing drawn: dropped
+    output[14:17, 0:3, 0:3] = 1  # across plane 15, where nothing is drawn: split there and dropped
+    output[8, 10, 10] = 1  # touches the kept part only at a corner (26-connected): kept
+    keep_drawn_planes(output, drawn, planes)
+    kept = output.copy()
+    kept[10:13, 15:18, 15:18] = 0
+    kept[14:17, 0:3, 0:3] = 0
+    assert drop_unsupported_parts(output, planes) == (3, 27 + 18)
+    np.testing.assert_array_equal(output, kept)
+    assert drop_unsupported_parts(output, planes) == (0, 0)  # nothing left to drop
+    assert drop_unsupported_parts(np.zeros_like(output), planes) == (0, 0)

@@ -108,6 +108,8 @@ def test_report_holds_what_the_contract_asks(small_case):
     assert 0.0 <= report["dice_observed_planes"] <= 1.0
     assert len(report["loss"]) == 2 and all(np.isfinite(report["loss"]))
     assert report["output"]["size"] == list(geometry.size) and report["output"]["keeps_drawn_planes"]
+    removed = report["output"]["unsupported_parts_removed"]
+    assert set(removed) == {"parts", "voxels"} and removed["parts"] >= 0 and removed["voxels"] >= removed["parts"]
     import json
 
     json.dumps(report)  # plain JSON types only
