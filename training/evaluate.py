@@ -27,13 +27,14 @@ from MetaShapeReconLib.baselines import fill_between_slices, signed_distance_int
 from MetaShapeReconLib.frame import FrameSpec, centre_frame
 from MetaShapeReconLib.occupancy import OccupancyNetwork, evaluate_grid
 from MetaShapeReconLib.pipeline import dice, observed_context
-from MetaShapeReconLib.planes import ObservedPlanes, drop_unsupported_parts, keep_drawn_planes, planes_from_rules
+from MetaShapeReconLib.planes import ObservedPlanes, finish_on_drawing, planes_from_rules
 from MetaShapeReconLib.prior import Prior, load_prior
 from MetaShapeReconLib.siren import logits, reconstruction_loss
 from scipy import ndimage
 
 from .config import load_config
 from .data import Shape, load_shapes, load_split
+from .maml import resolve_device
 from .progress import progress_bar
 from .validate import sparse_input
 
@@ -100,8 +101,7 @@ class Trajectory:
         started = time.perf_counter()
         output = self.evaluate(state)
         if self.planes is not None:
-            keep_drawn_planes(output, self.truth, self.planes)  # as the product does: the drawing stands,
-            drop_unsupported_parts(output, self.planes)  # and parts it does not touch go
+            finish_on_drawing(output, self.truth, self.planes)  # as the product does
         seconds = self.adapt_seconds + time.perf_counter() - started
         self.rows.append(dict(metrics(output, self.truth, self.spacing), steps=step, seconds=seconds))
 
@@ -241,8 +241,7 @@ def evaluate_case(shape: Shape, setting: str, methods: Dict[str, object], config
 def run_evaluation(config: dict, args) -> None:
     from .autodecoder import load_autodecoder
 
-    device = torch.device("cuda" if config["device"] == "auto" and torch.cuda.is_available() else
-                          ("cpu" if config["device"] == "auto" else config["device"]))
+    device = resolve_device(config["device"])
     os.makedirs(args.out, exist_ok=True)
     methods: Dict[str, object] = {}
     wanted = config["evaluate"]["methods"]

@@ -11,12 +11,12 @@ import copy
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
-import torch
-from MetaShapeReconLib.prior import check_adaptation, load_prior
+from MetaShapeReconLib.prior import Prior, check_adaptation, load_prior
 
 from .config import parse_value
 from .data import load_shapes, load_split
 from .evaluate import evaluate_settings
+from .maml import resolve_device
 
 
 def parse_setting(text: str):
@@ -50,19 +50,24 @@ def tune(config: dict, prior_path: str, setting: str, shapes: Sequence,
                          f"{settings}: the Dice after one step is measured there")
     plain = copy.deepcopy(config)
     plain["evaluate"]["trajectory_settings"] = []  # ours after 1 and the default steps only
-    rows = []
+    prior = load_prior(prior_path)
+    if name not in prior.adaptation or name == "auto":
+        raise SystemExit(f"--setting {name!r} is not one of the prior's adaptation settings: "
+                         f"{', '.join(k for k in prior.adaptation if k != 'auto')}")
+    candidates = []  # every value checked before the first (long) evaluation starts
     for value in values:
-        prior = load_prior(prior_path)
-        if name not in prior.adaptation or name == "auto":
-            raise SystemExit(f"--setting {name!r} is not one of the prior's adaptation settings: "
-                             f"{', '.join(k for k in prior.adaptation if k != 'auto')}")
-        prior.card["adaptation"][name] = value
+        card = copy.deepcopy(prior.card)
+        card.setdefault("adaptation", {})[name] = value
         try:
-            check_adaptation(prior.card)
+            check_adaptation(card)
         except (TypeError, ValueError) as error:
             raise SystemExit(f"--setting {name}={value!r}: {error}") from None
-        results = evaluate_settings(shapes, settings, {"maml": prior}, plain, torch.device("cpu"), f"{name}={value}")
-        default = prior.default_steps
+        candidates.append((value, Prior(prior.model, prior.params, prior.inner_lr, card, prior.path)))
+    device = resolve_device(config["device"])
+    rows = []
+    for value, candidate in candidates:
+        results = evaluate_settings(shapes, settings, {"maml": candidate}, plain, device, f"{name}={value}")
+        default = candidate.default_steps
         rows.append({
             "value": value, "default_steps": default,
             "dice_1_step": _mean(results, "dice", config["validation"]["slices"], 1),

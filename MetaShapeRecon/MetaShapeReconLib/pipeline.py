@@ -21,7 +21,7 @@ from .errors import InputError
 from .frame import CanonicalFrame, centre_frame, fits_in_frame, observed_foreground_points
 from .geometry import Geometry
 from .occupancy import OccupancyNetwork, evaluate_grid
-from .planes import ObservedPlanes, describe_planes, drop_unsupported_parts, keep_drawn_planes, observed_mask, select_planes
+from .planes import ObservedPlanes, describe_planes, finish_on_drawing, observed_mask, select_planes
 from .prior import Prior
 
 
@@ -188,8 +188,7 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
     same_grid = output_geometry.same_grid(geometry)
     if same_grid:
         drawn_dice = _drawn_dice(output, mask, planes)
-        keep_drawn_planes(output, mask, planes)  # the user's drawing is the truth on the observed planes
-        removed_parts, removed_voxels = drop_unsupported_parts(output, planes)
+        removed_parts, removed_voxels = finish_on_drawing(output, mask, planes)  # the drawing is the truth
     else:
         drawn_dice = dice(network.probabilities(coords[chosen]) >= 0.5, target[chosen])
         removed_parts = removed_voxels = 0

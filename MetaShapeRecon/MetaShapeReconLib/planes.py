@@ -190,6 +190,13 @@ def drop_unsupported_parts(output: np.ndarray, planes: ObservedPlanes) -> Tuple[
     return count, voxels
 
 
+def finish_on_drawing(output: np.ndarray, drawn: np.ndarray, planes: ObservedPlanes) -> Tuple[int, int]:
+    """How every reconstruction on the drawing's grid ends: the drawing stands on the observed
+    planes, and the parts it does not touch go. In place; returns (parts removed, voxels removed)."""
+    keep_drawn_planes(output, drawn, planes)
+    return drop_unsupported_parts(output, planes)
+
+
 def observed_mask(shape: Sequence[int], planes: ObservedPlanes, region: Optional[Tuple[slice, ...]] = None
                   ) -> np.ndarray:
     """Boolean mask of observed voxels over `region` (a box of slices; whole grid by default)."""

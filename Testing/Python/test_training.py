@@ -179,6 +179,10 @@ def test_tune_reports_validation_dice_for_each_value(tmp_path):
         tune(config, path, "inner_steps=1,2", shapes)
     with pytest.raises(SystemExit, match="first_step_scale=-1: adaptation.first_step_scale = -1 is not a number"):
         tune(config, path, "first_step_scale=-1", shapes)
+    early = []
+    with pytest.raises(SystemExit, match="first_step_scale=0: "):
+        tune(config, path, "first_step_scale=1,0", shapes, report=early.append)
+    assert early == []  # every value is checked before the first evaluation runs
     with pytest.raises(SystemExit, match="expected NAME=V1,V2"):
         tune(config, path, "first_step_scale", shapes)
     with pytest.raises(SystemExit, match="validation.slices 'axial:4' is not one of evaluate.settings"):
