@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     tune.add_argument("--setting", required=True, metavar="NAME=V1,V2,...",
                       help="an adaptation setting and the values to try, e.g. first_step_scale=1,1.4,1.7")
 
-    publish = commands.add_parser("publish", help="gather evaluation folders into docs/RESULTS.md")
+    publish = commands.add_parser("publish", help="gather evaluation folders into docs/RESULTS.md "
+                                  "(priors published earlier and not given keep their sections)")
     publish.add_argument("--results", nargs="+", required=True, metavar="NAME=FOLDER")
     publish.add_argument("--out", default="docs")
 

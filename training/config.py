@@ -52,6 +52,8 @@ DEFAULTS: Dict[str, Any] = {
         "inner_steps": 5,
         "inner_lr": 0.01,
         "learn_inner_lr": True,
+        "first_step_lr": False,       # the first inner step learns step sizes of its own
+        "first_step_lr_init": 1.0,    # ... starting from the shared ones times this
         "first_order_iterations": 0,  # a cheaper first-order phase before second order
         "multi_step_loss": True,      # also train the result after each inner step (good 1-step priors)
         "outer_lr": 1.0e-4,

@@ -119,8 +119,8 @@ def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_
         return evaluate_grid(OccupancyNetwork(params, model.omega_0, device), frame, geometry)
 
     record.evaluate = output_of
-    params = {k: v.to(device) for k, v in prior.params.items()}
-    lrs = {k: v.to(device) for k, v in prior.inner_lr.items()}
+    prior = prior.to(device)
+    params = dict(prior.params)
     best_loss, since_best, last_step = float("inf"), 0, 0
     current = None
     optimiser = None
@@ -129,8 +129,8 @@ def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_
     for step in range(1, max_steps + 1):
         started = time.perf_counter()
         if step <= meta_steps:
-            params, losses = adapt(model, params, lrs, x, y, 1, weight_decay,
-                                   first_step_scale=prior.first_step_scale if step == 1 else 1.0)
+            params, losses = adapt(model, params, prior.inner_lr, x, y, 1, weight_decay,
+                                   first_lr=prior.first_step_sizes() if step == 1 else None)
             loss = losses[0]
         else:
             if optimiser is None:

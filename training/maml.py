@@ -102,11 +102,13 @@ def start_run(config: dict, out_dir: str, shapes: Optional[List[Shape]], val_sha
     return rank, device, shapes, val_shapes
 
 
-def meta_training_settings(config: dict) -> dict:
-    """The settings a prior was meta-trained with, recorded in its card (export copies them)."""
+def meta_training_settings(config: dict, first_step_lr: Optional[bool] = None) -> dict:
+    """The settings a prior was meta-trained with, recorded in its card (export copies them).
+    `first_step_lr`: whether the run learned the first step's own sizes (None: as the config says)."""
     maml, tasks = config["maml"], config["tasks"]
     settings = {k: maml[k] for k in ("inner_steps", "inner_lr", "learn_inner_lr", "multi_step_loss", "outer_lr",
                                      "meta_batch", "first_order_iterations")}
+    settings["first_step_lr"] = bool(maml.get("first_step_lr")) if first_step_lr is None else first_step_lr
     settings.update(context_points=tasks["context_points"], target_points=tasks["target_points"],
                     planes=tasks["planes"], context_sampling=config["adaptation"].get("context_sampling", "uniform"))
     return settings
@@ -127,7 +129,11 @@ def average_gradients_across_processes(optimizer: torch.optim.Optimizer) -> None
 
 
 class MetaLearner:
-    """Holds theta_0, the step sizes and the outer optimiser."""
+    """Holds theta_0, the step sizes and the outer optimiser.
+
+    With `maml.first_step_lr` (or a prior that has them) the first inner step learns step sizes
+    of its own, starting from the shared ones times `maml.first_step_lr_init`: the first step
+    starts from the prior, the later ones refine, and one size serves both poorly."""
 
     def __init__(self, prior: Prior, config: dict, device: torch.device):
         self.config = config
@@ -135,18 +141,24 @@ class MetaLearner:
         self.device = device
         self.model = prior.model.to(device)
         self.card = prior.card
+        learn_lr = bool(maml["learn_inner_lr"])
         self.params = {k: v.detach().clone().to(device).requires_grad_(True) for k, v in prior.params.items()}
-        self.inner_lr = {k: v.detach().clone().to(device).requires_grad_(bool(maml["learn_inner_lr"]))
-                         for k, v in prior.inner_lr.items()}
+        self.inner_lr = {k: v.detach().clone().to(device).requires_grad_(learn_lr) for k, v in prior.inner_lr.items()}
+        first = prior.first_step_lr
+        if first is None and maml.get("first_step_lr"):
+            first = {k: v * float(maml["first_step_lr_init"]) for k, v in prior.inner_lr.items()}
+        self.first_step_lr = None if first is None else {
+            k: v.detach().clone().to(device).requires_grad_(learn_lr) for k, v in first.items()}
         trainable = list(self.params.values())
-        if maml["learn_inner_lr"]:
-            trainable += list(self.inner_lr.values())
+        if learn_lr:
+            trainable += list(self.inner_lr.values()) + list((self.first_step_lr or {}).values())
         self.optimizer = torch.optim.Adam(trainable, lr=float(maml["outer_lr"]))
         self.weight_decay = float(config["loss"]["weight_decay"])
 
     def prior(self) -> Prior:
+        first = None if self.first_step_lr is None else {k: v.detach().clone() for k, v in self.first_step_lr.items()}
         return Prior(self.model, {k: v.detach().clone() for k, v in self.params.items()},
-                     {k: v.detach().clone() for k, v in self.inner_lr.items()}, self.card)
+                     {k: v.detach().clone() for k, v in self.inner_lr.items()}, self.card, first_step_lr=first)
 
     def outer_step(self, batch: Dict[str, np.ndarray], first_order: bool) -> Dict[str, float]:
         maml = self.config["maml"]
@@ -159,7 +171,8 @@ class MetaLearner:
             params = self.params
             step_losses = []
             for step in range(steps):
-                params, _ = inner_step(model, params, self.inner_lr, context_x, context_y, weight_decay, first_order)
+                sizes = self.first_step_lr if step == 0 and self.first_step_lr is not None else self.inner_lr
+                params, _ = inner_step(model, params, sizes, context_x, context_y, weight_decay, first_order)
                 if multi_step or step == steps - 1:
                     step_losses.append(reconstruction_loss(logits(model, params, target_x), target_y, params,
                                                            weight_decay))
@@ -209,6 +222,7 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
         learner = MetaLearner(initial, config, device)
         best_dice, elapsed = -1.0, 0.0
     learner.card.setdefault("training", {})
+    run_settings = meta_training_settings(config, learner.first_step_lr is not None)
 
     task_seed = int(config["seed"]) + start + 100003 * rank  # each process draws its own tasks
     rng = np.random.default_rng(task_seed)
@@ -225,7 +239,7 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
     def save(iteration: int) -> None:
         prior = learner.prior()
         prior.card["training"].update(method="maml", iterations=iteration, seconds=time.perf_counter() - started,
-                                      device=str(device), settings=meta_training_settings(config))
+                                      device=str(device), settings=run_settings)
         save_prior(prior, checkpoint + ".safetensors")
         save_optimizer(learner.optimizer, checkpoint + ".optimizer.safetensors",
                        {"iteration": iteration, "best_dice": best_dice, "seconds": time.perf_counter() - started})
@@ -251,7 +265,7 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
                 best = learner.prior()
                 best.card["training"].update(method="maml", iterations=done, seconds=time.perf_counter() - started,
                                              device=str(device), validation_dice_1_step=best_dice,
-                                             settings=meta_training_settings(config))
+                                             settings=run_settings)
                 save_prior(best, os.path.join(out_dir, "best.safetensors"))
         if done % int(config["checkpoint"]["every"]) == 0 or done == iterations:
             save(done)

@@ -5,12 +5,14 @@
 
 Each evaluation's own `results.md` (written by `evaluate`, with the command that made it) is
 copied in under a heading per prior, after a headline table built from the `summary.json` files.
+Priors already in `out/RESULTS.md` and not given here keep their published rows and section, so
+one prior can be re-evaluated and published without the evaluation folders of the others.
 """
 
 import json
 import os
 import shutil
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 HEADLINE_SETTINGS = ["sagittal:8", "sagittal:16", "coronal:16", "axial:16", "orthogonal", "two_orientations"]
 
@@ -20,9 +22,31 @@ def _cell(entry: Dict, key: str) -> str:
     return "n/a" if not value else f"{value['dice']:.3f} / {value['asd_mm']:.2f}"
 
 
+def published(path: str) -> Tuple[List[str], Dict[str, List[str]], Dict[str, str]]:
+    """An earlier RESULTS.md: its priors in order, each one's headline rows and its section."""
+    if not os.path.isfile(path):
+        return [], {}, {}
+    with open(path) as handle:
+        text = handle.read()
+    names, rows, sections = [], {}, {}
+    for chunk in text.split("\n## ")[1:]:
+        name, _, body = chunk.partition("\n")
+        if name.startswith("Headline"):
+            for line in body.splitlines():
+                cells = line.split(" | ")
+                if line.startswith("| ") and len(cells) > 2 and cells[0] not in ("| prior", "|---"):
+                    rows.setdefault(cells[0][2:], []).append(line)
+        else:
+            names.append(name)
+            sections[name] = f"## {name}\n" + body.rstrip("\n") + "\n"
+    return names, rows, sections
+
+
 def publish(results: List[str], out: str) -> str:
     os.makedirs(out, exist_ok=True)
-    sections, headline = [], []
+    path = os.path.join(out, "RESULTS.md")
+    earlier_names, earlier_rows, earlier_sections = published(path)
+    sections, headline = {}, {}
     for spec in results:
         name, folder = spec.split("=", 1)
         with open(os.path.join(folder, "summary.json")) as handle:
@@ -40,12 +64,13 @@ def publish(results: List[str], out: str) -> str:
                 shutil.copyfile(os.path.join(folder, raw), os.path.join(out, target))
                 body += f"\nPer-shape numbers: [{target}]({target})\n"
         body = body.replace("\n# ", "\n## ").replace("\n## ", "\n### ").lstrip("# ")
-        sections.append(f"## {name}\n\n" + body)
+        sections[name] = f"## {name}\n\n" + body
         steps = summary.get("default_steps", "default")
+        headline[name] = []
         for setting in HEADLINE_SETTINGS:
             entry = summary["settings"].get(setting)
             if entry:
-                headline.append(f"| {name} | {setting} | {_cell(entry, 'ours_1_step')} | "
+                headline[name].append(f"| {name} | {setting} | {_cell(entry, 'ours_1_step')} | "
                                 f"{_cell(entry, 'ours_default_steps')} ({steps} steps) | "
                                 f"{_cell(entry, 'fill_between_slices')} | {_cell(entry, 'sdf_interpolation')} |")
     lines = ["# Results", "",
@@ -57,8 +82,13 @@ def publish(results: List[str], out: str) -> str:
              "speed is benchmarked on its own in [PERFORMANCE.md](PERFORMANCE.md).", "",
              "## Headline: Dice / ASD (mm) against the whole shape, same sparse inputs", "",
              "| prior | input | Ours, 1 step | Ours, default steps | Fill between slices | Signed-distance interpolation |",
-             "|---|---|---|---|---|---|"] + headline + [""] + sections
-    path = os.path.join(out, "RESULTS.md")
+             "|---|---|---|---|---|---|"]
+    order = earlier_names + [name for name in sections if name not in earlier_names]
+    for name in order:
+        lines += headline.get(name, earlier_rows.get(name, []))
+    lines.append("")
+    for name in order:
+        lines.append(sections.get(name) or earlier_sections[name])
     with open(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
     return path

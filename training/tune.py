@@ -11,7 +11,7 @@ import copy
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
-from MetaShapeReconLib.prior import Prior, check_adaptation, load_prior
+from MetaShapeReconLib.prior import check_adaptation, load_prior
 
 from .config import parse_value
 from .data import load_shapes, load_split
@@ -62,7 +62,7 @@ def tune(config: dict, prior_path: str, setting: str, shapes: Sequence,
             check_adaptation(card)
         except (TypeError, ValueError) as error:
             raise SystemExit(f"--setting {name}={value!r}: {error}") from None
-        candidates.append((value, Prior(prior.model, prior.params, prior.inner_lr, card, prior.path)))
+        candidates.append((value, prior.with_card(card)))
     device = resolve_device(config["device"])
     rows = []
     for value, candidate in candidates:

@@ -83,16 +83,16 @@ def warm_up() -> None:
 
 def adapt(model: Siren, params: Mapping[str, torch.Tensor], inner_lr: Mapping[str, torch.Tensor],
           coords: torch.Tensor, target: torch.Tensor, steps: int, weight_decay: float,
-          progress: Optional[Progress] = None, first_step_scale: float = 1.0) -> Tuple[Params, List[float]]:
+          progress: Optional[Progress] = None,
+          first_lr: Optional[Mapping[str, torch.Tensor]] = None) -> Tuple[Params, List[float]]:
     """`steps` inner-loop steps; returns the adapted weights and the loss before each step.
-    The first step's step sizes are multiplied by `first_step_scale` (the prior's card sets it:
-    meta-training shares one set of step sizes among all its inner steps, and the first step
-    from the prior gains from a longer one)."""
+    The first step takes `first_lr` as its step sizes when given (`Prior.first_step_sizes`: the
+    first step from the prior gains from sizes of its own), every other step `inner_lr`."""
     losses = []
     params = dict(params)
-    first_lr = inner_lr if first_step_scale == 1.0 else {k: v * first_step_scale for k, v in inner_lr.items()}
     for step in range(steps):
-        params, loss = inner_step(model, params, first_lr if step == 0 else inner_lr, coords, target, weight_decay)
+        sizes = first_lr if step == 0 and first_lr is not None else inner_lr
+        params, loss = inner_step(model, params, sizes, coords, target, weight_decay)
         params = {k: v.detach() for k, v in params.items()}
         losses.append(float(loss.detach()))
         report(progress, step + 1, steps, losses[-1])

@@ -234,7 +234,7 @@ def _adapt_and_evaluate(prior: Prior, device: torch.device, coords: np.ndarray, 
     coords_t, target_t = to_tensors(coords, target, device)
     weight_decay = float(adaptation["weight_decay"])
     params, losses = adapt(prior.model, prior.params, prior.inner_lr, coords_t, target_t, fixed_steps,
-                           weight_decay, adapt_progress, prior.first_step_scale)
+                           weight_decay, adapt_progress, prior.first_step_sizes())
     steps_taken = fixed_steps
     if auto_steps:
         params, more = adapt_until_converged(prior.model, params, coords_t, target_t, weight_decay,

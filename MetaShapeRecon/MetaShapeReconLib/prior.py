@@ -1,7 +1,9 @@
 """Prior files: `NAME.safetensors` (tensors) + `NAME.json` (model card).
 
 The safetensors file holds the initial weights under `weights.<parameter>` and, for priors with
-learned inner-loop step sizes (Meta-SGD), one step size per weight under `inner_lr.<parameter>`.
+learned inner-loop step sizes (Meta-SGD), one step size per weight under `inner_lr.<parameter>`;
+priors meta-trained with step sizes of the first inner step's own hold those under
+`first_step_lr.<parameter>`.
 The model card holds everything else; see `docs/PRIOR_FORMAT.md`. Loading never runs code
 from the file.
 """
@@ -25,6 +27,7 @@ from .siren import Siren
 FORMAT_VERSION = 1
 WEIGHTS = "weights."
 INNER_LR = "inner_lr."
+FIRST_STEP_LR = "first_step_lr."
 
 DEFAULT_ADAPTATION = {
     "steps": 5,
@@ -72,13 +75,16 @@ def check_adaptation(card: Mapping) -> None:
 
 @dataclass
 class Prior:
-    """A shape prior: the network's initial weights, its inner-loop step sizes and its model card."""
+    """A shape prior: the network's initial weights, its inner-loop step sizes and its model card.
+    `first_step_lr`: the first inner step's own step sizes, if meta-training learned them (None:
+    the first step takes `inner_lr` like the others)."""
 
     model: Siren
     params: Dict[str, torch.Tensor]
     inner_lr: Dict[str, torch.Tensor]
     card: dict
     path: Optional[str] = field(default=None)
+    first_step_lr: Optional[Dict[str, torch.Tensor]] = field(default=None)
 
     @property
     def name(self) -> str:
@@ -100,9 +106,21 @@ class Prior:
     def first_step_scale(self) -> float:
         return float(self.adaptation["first_step_scale"])
 
+    def first_step_sizes(self) -> Dict[str, torch.Tensor]:
+        """The step sizes of the first inner step: its own (or the shared ones) times the card's
+        first_step_scale."""
+        sizes = self.first_step_lr if self.first_step_lr is not None else self.inner_lr
+        scale = self.first_step_scale
+        return dict(sizes) if scale == 1.0 else {k: v * scale for k, v in sizes.items()}
+
+    def with_card(self, card: dict) -> "Prior":
+        """The same tensors under another model card (e.g. other adaptation settings)."""
+        return Prior(self.model, self.params, self.inner_lr, card, self.path, self.first_step_lr)
+
     def to(self, device) -> "Prior":
+        first = None if self.first_step_lr is None else {k: v.to(device) for k, v in self.first_step_lr.items()}
         return Prior(self.model.to(device), {k: v.to(device) for k, v in self.params.items()},
-                     {k: v.to(device) for k, v in self.inner_lr.items()}, self.card, self.path)
+                     {k: v.to(device) for k, v in self.inner_lr.items()}, self.card, self.path, first)
 
 
 def initial_prior(name: str, extent_mm, omega_0: float = 30.0, hidden_features: int = 128,
@@ -142,6 +160,8 @@ def save_prior(prior: Prior, path: str) -> str:
     stem = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
     tensors = {WEIGHTS + k: v.detach().float().cpu().contiguous() for k, v in prior.params.items()}
     tensors.update({INNER_LR + k: v.detach().float().cpu().contiguous() for k, v in prior.inner_lr.items()})
+    tensors.update({FIRST_STEP_LR + k: v.detach().float().cpu().contiguous()
+                    for k, v in (prior.first_step_lr or {}).items()})
     save_file(tensors, stem + ".safetensors", metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     umask = os.umask(0)
     os.umask(umask)
@@ -233,7 +253,7 @@ def load_prior(name_or_path: str = "kidney", device="cpu") -> Prior:
         raise InputError(f"prior {tensor_path} is corrupt or not a safetensors file ({error})") from None
 
     expected = {k: tuple(v.shape) for k, v in model.named_parameters()}
-    params, lrs = {}, {}
+    params, lrs, first = {}, {}, {}
     for name, shape in expected.items():
         weight = tensors.get(WEIGHTS + name)
         if weight is None:
@@ -249,11 +269,22 @@ def load_prior(name_or_path: str = "kidney", device="cpu") -> Prior:
         elif tuple(lr.shape) != shape:
             raise InputError(f"prior {tensor_path}: {INNER_LR}{name} has shape {tuple(lr.shape)}, expected {shape}")
         lrs[name] = lr.float()
-    unexpected = set(tensors) - {WEIGHTS + k for k in expected} - {INNER_LR + k for k in expected}
+        first_lr = tensors.get(FIRST_STEP_LR + name)
+        if first_lr is not None:
+            if tuple(first_lr.shape) != shape:
+                raise InputError(f"prior {tensor_path}: {FIRST_STEP_LR}{name} has shape {tuple(first_lr.shape)}, "
+                                 f"expected {shape}")
+            first[name] = first_lr.float()
+    if first and len(first) != len(expected):
+        missing = sorted(FIRST_STEP_LR + k for k in expected if k not in first)
+        raise InputError(f"prior {tensor_path} holds the first step's step sizes of some weights only "
+                         f"({', '.join(missing)} missing)")
+    known = {prefix + k for k in expected for prefix in (WEIGHTS, INNER_LR, FIRST_STEP_LR)}
+    unexpected = set(tensors) - known
     if unexpected:
         raise InputError(f"prior {tensor_path} has unexpected tensors: {', '.join(sorted(unexpected))}")
-    if not all(torch.isfinite(t).all() for t in list(params.values()) + list(lrs.values())):
+    if not all(torch.isfinite(t).all() for t in list(params.values()) + list(lrs.values()) + list(first.values())):
         raise InputError(f"prior {tensor_path} holds non-finite values")
     model.load_state_dict(params)
     model.requires_grad_(False)
-    return Prior(model, params, lrs, card, tensor_path).to(device)
+    return Prior(model, params, lrs, card, tensor_path, first or None).to(device)

@@ -108,7 +108,7 @@ def fit(prior, labels: np.ndarray, geometry: Geometry, slices: str, seed: int = 
     auto = settings["auto"]
     with single_thread():
         params, losses = adapt(prior.model, prior.params, prior.inner_lr, coords_t, target_t, prior.default_steps,
-                               weight_decay, first_step_scale=prior.first_step_scale)
+                               weight_decay, first_lr=prior.first_step_sizes())
         params, more = adapt_until_converged(prior.model, params, coords_t, target_t, weight_decay,
                                              float(auto["lr"]), int(auto["patience"]), int(auto["max_steps"]))
     card = copy.deepcopy(prior.card)

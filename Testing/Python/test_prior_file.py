@@ -180,6 +180,31 @@ def test_step_sizes_are_optional(saved):
     assert all(torch.all(v == 0.01) for v in loaded.inner_lr.values())
 
 
+def test_first_step_sizes_round_trip_and_are_checked(saved):
+    """A prior meta-trained with the first step's own step sizes keeps them through save and load;
+    a file holding only some of them, or one of the wrong shape, is refused."""
+    prior, stem = saved
+    assert load_prior(stem).first_step_lr is None  # older priors: the first step shares the sizes
+    prior.first_step_lr = {k: v * 3 for k, v in prior.inner_lr.items()}
+    save_prior(prior, stem + ".safetensors")
+    loaded = load_prior(stem)
+    for name in prior.params:
+        assert torch.equal(loaded.first_step_lr[name], prior.first_step_lr[name])
+    edit_card(stem, lambda card: card["adaptation"].update(first_step_scale=0.5))
+    edit_card(stem, lambda card: card.pop("weights_sha256"))
+    halved = load_prior(stem).first_step_sizes()  # the card's scale applies to the step's own sizes
+    assert all(torch.allclose(halved[k], prior.first_step_lr[k] * 0.5) for k in prior.params)
+    tensors = load_file(stem + ".safetensors")
+    tensors.pop("first_step_lr.layers.3.weight")
+    save_file(tensors, stem + ".safetensors")
+    with pytest.raises(InputError, match="first step's step sizes of some weights only .first_step_lr.layers.3.weight"):
+        load_prior(stem)
+    tensors["first_step_lr.layers.3.weight"] = torch.zeros(3)
+    save_file(tensors, stem + ".safetensors")
+    with pytest.raises(InputError, match=r"first_step_lr.layers.3.weight has shape \(3,\), expected \(32, 32\)"):
+        load_prior(stem)
+
+
 def test_non_finite_weights(saved):
     _, stem = saved
     tensors = load_file(stem + ".safetensors")

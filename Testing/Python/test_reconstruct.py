@@ -225,3 +225,7 @@ def test_first_step_scale_lengthens_the_first_step_only(small_case):
     assert scaled[1] == pytest.approx(doubled[1], rel=1e-5)  # first step: twice the step sizes
     assert scaled[1] != pytest.approx(plain[1], rel=1e-3)
     assert scaled[2] != pytest.approx(doubled[2], rel=1e-3)  # second step: the prior's own step sizes
+    # the first step's own step sizes (meta-trained) serve the first step only, like the scale
+    own = variant(1.0, 1.0)
+    own.first_step_lr = {k: v * 2 for k, v in prior.inner_lr.items()}
+    assert losses(own) == pytest.approx(scaled, rel=1e-5)

@@ -157,6 +157,39 @@ def test_export_then_engine_load_predicts_identically(tmp_path):
     assert exported.first_step_scale == 1.5
 
 
+def test_first_step_learns_step_sizes_of_its_own(tmp_path):
+    """maml.first_step_lr: the first inner step's sizes start at the shared ones times
+    first_step_lr_init and are learned apart from them; the run's prior, a resumed run (whatever
+    the flag then says) and the exported prior keep them."""
+    config = small_config(**{"maml.iterations": 2, "maml.first_step_lr": True, "maml.first_step_lr_init": 1.5})
+    shapes = shapes_from_family(4)
+    initial = new_prior(config)
+    learner = MetaLearner(initial, config, torch.device("cpu"))
+    for name, shared in initial.inner_lr.items():
+        assert torch.equal(learner.first_step_lr[name].detach(), shared * 1.5)
+    learner.outer_step(TaskSampler(config, seed=1).batch(shapes), first_order=False)
+    first_moved = torch.cat([(learner.first_step_lr[k] - initial.inner_lr[k] * 1.5).detach().flatten()
+                             for k in initial.params])
+    shared_moved = torch.cat([(learner.inner_lr[k] - initial.inner_lr[k]).detach().flatten() for k in initial.params])
+    assert first_moved.abs().max() > 0 and shared_moved.abs().max() > 0
+    assert not torch.allclose(first_moved, shared_moved)
+
+    run = str(tmp_path / "run")
+    trained = load_prior(train_maml(config, run, shapes=shapes))
+    assert trained.first_step_lr is not None and trained.card["training"]["settings"]["first_step_lr"] is True
+    resumed_config = small_config(**{"maml.iterations": 3})  # the flag off: the prior's own sizes stay
+    resumed = load_prior(train_maml(resumed_config, run, resume=True, shapes=shapes))
+    assert resumed.card["training"]["iterations"] == 3 and resumed.card["training"]["settings"]["first_step_lr"]
+    assert not torch.equal(resumed.first_step_lr["layers.0.weight"], trained.first_step_lr["layers.0.weight"])
+    from training.export import export_prior
+
+    card = export_prior(config, os.path.join(run, "checkpoint.safetensors"), "own_first_step", None,
+                        str(tmp_path / "priors"))
+    exported = load_prior(card[:-5] + ".safetensors")
+    for name in resumed.params:
+        assert torch.equal(exported.first_step_lr[name], resumed.first_step_lr[name])
+
+
 def test_tune_reports_validation_dice_for_each_value(tmp_path):
     from training.tune import format_row, header, tune
 
@@ -301,6 +334,26 @@ def test_publish_gathers_evaluations_into_results_md(tmp_path):
     assert "| kidney | sagittal:8 | 0.810 / 1.50 | 0.930 / 0.90 (5 steps) | 0.960 / 0.70 | n/a |" in text
     assert "### Table 2" in text and "(results_kidney_dice_time.png)" in text
     assert (tmp_path / "docs" / "results_kidney_dice_time.png").read_bytes() == b"png"
+
+    # another prior published later: the kidney keeps its rows and section; re-publishing the
+    # kidney alone replaces its own and keeps the other's
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "summary.json").write_text(json.dumps({"default_steps": 3, "settings": {
+        "orthogonal": {"ours_1_step": {"dice": 0.5, "asd_mm": 4.0}}}}))
+    (other / "results.md").write_text("# Evaluation: pancreas\n\nsection of the pancreas\n")
+    publish([f"pancreas={other}"], str(tmp_path / "docs"))
+    both = open(path).read()
+    assert "| kidney | sagittal:8 | 0.810 / 1.50 |" in both and "| pancreas | orthogonal | 0.500 / 4.00 |" in both
+    assert both.index("## kidney") < both.index("## pancreas") and "section of the pancreas" in both
+    (folder / "summary.json").write_text((folder / "summary.json").read_text().replace("0.81", "0.84"))
+    publish([f"kidney={folder}"], str(tmp_path / "docs"))
+    again = open(path).read()
+    assert "| kidney | sagittal:8 | 0.840 / 1.50 |" in again and "0.810" not in again
+    assert again.count("## kidney") == 1 and "section of the pancreas" in again
+    assert again.index("| kidney |") < again.index("| pancreas |")
+    publish([], str(tmp_path / "docs"))
+    assert open(path).read() == again  # nothing new: the file as it was
 
 
 def test_train_refuses_to_overwrite_a_run_without_resume(tmp_path):
