@@ -111,7 +111,8 @@ def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_
                      converge: bool = True) -> dict:
     """Meta-SGD steps (`meta_steps`, the prior's inner loop), then Adam until the context loss stops
     improving (or `max_steps`). Snapshots at record.record_steps and at convergence."""
-    model = prior.model.to(device)
+    prior = prior.to(device)
+    model = prior.model
     weight_decay = float(prior.adaptation["weight_decay"])
     x, y = to_tensors(coords, target, device)
 
@@ -119,7 +120,6 @@ def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_
         return evaluate_grid(OccupancyNetwork(params, model.omega_0, device), frame, geometry)
 
     record.evaluate = output_of
-    prior = prior.to(device)
     params = dict(prior.params)
     best_loss, since_best, last_step = float("inf"), 0, 0
     current = None

@@ -167,11 +167,13 @@ class MetaLearner:
         tensors = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
         model, weight_decay = self.model, self.weight_decay
 
+        first_sizes = self.inner_lr if self.first_step_lr is None else self.first_step_lr
+
         def task_loss(context_x, context_y, target_x, target_y):
             params = self.params
             step_losses = []
             for step in range(steps):
-                sizes = self.first_step_lr if step == 0 and self.first_step_lr is not None else self.inner_lr
+                sizes = first_sizes if step == 0 else self.inner_lr
                 params, _ = inner_step(model, params, sizes, context_x, context_y, weight_decay, first_order)
                 if multi_step or step == steps - 1:
                     step_losses.append(reconstruction_loss(logits(model, params, target_x), target_y, params,
