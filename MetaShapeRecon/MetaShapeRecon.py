@@ -414,7 +414,7 @@ class MetaShapeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("PyTorch and safetensors are needed to reconstruct.")
             return
         segmentId = None if node.allSegments else node.segmentID
-        # "auto": the prior's steps, then Adam until the fit to the drawing stops improving
+        # "auto": the prior's steps until the fit to the drawing stops improving
         steps = "auto" if node.untilConverged else (None if node.steps < 0 else node.steps)
         job = slicer_logic.prepare(
             node.segmentationNode, segmentId, node.referenceVolume, prior=node.prior, steps=steps,

@@ -22,14 +22,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from MetaShapeReconLib.adaptation import adapt, choose_context, to_tensors
+from MetaShapeReconLib.adaptation import adaptation_steps, choose_context, steps_until_converged, take_steps, to_tensors
 from MetaShapeReconLib.baselines import fill_between_slices, signed_distance_interpolation
 from MetaShapeReconLib.frame import FrameSpec, centre_frame
 from MetaShapeReconLib.occupancy import OccupancyNetwork, evaluate_grid
 from MetaShapeReconLib.pipeline import dice, observed_context
 from MetaShapeReconLib.planes import ObservedPlanes, finish_on_drawing, planes_from_rules
 from MetaShapeReconLib.prior import Prior, load_prior
-from MetaShapeReconLib.siren import logits, reconstruction_loss
 from scipy import ndimage
 
 from .config import load_config
@@ -109,52 +108,31 @@ class Trajectory:
 def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_steps: int, adam_lr: float,
                      record: Trajectory, max_steps: int, patience: int, frame, geometry, device,
                      converge: bool = True) -> dict:
-    """Meta-SGD steps (`meta_steps`, the prior's inner loop), then Adam until the context loss stops
-    improving (or `max_steps`). Snapshots at record.record_steps and at convergence."""
+    """The engine's adaptation (`adaptation_steps`: `meta_steps` meta-learned steps, then Adam)
+    until the context loss stops improving (`converge`, at most `max_steps`) or for `max_steps`.
+    Snapshots at record.record_steps and, when converging, of the weights it settles on."""
     prior = prior.to(device)
     model = prior.model
-    weight_decay = float(prior.adaptation["weight_decay"])
     x, y = to_tensors(coords, target, device)
-
-    def output_of(params):
-        return evaluate_grid(OccupancyNetwork(params, model.omega_0, device), frame, geometry)
-
-    record.evaluate = output_of
-    params = dict(prior.params)
-    best_loss, since_best, last_step = float("inf"), 0, 0
-    current = None
-    optimiser = None
+    record.evaluate = lambda params: evaluate_grid(OccupancyNetwork(params, model.omega_0, device), frame, geometry)
     if 0 in record.record_steps:
-        record.snapshot(0, params)  # the initialisation itself, before any step
-    for step in range(1, max_steps + 1):
-        started = time.perf_counter()
-        if step <= meta_steps:
-            params, losses = adapt(model, params, prior.inner_lr, x, y, 1, weight_decay,
-                                   first_lr=prior.first_step_sizes() if step == 1 else None)
-            loss = losses[0]
-        else:
-            if optimiser is None:
-                current = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-                optimiser = torch.optim.Adam(current.values(), lr=adam_lr)
-            optimiser.zero_grad(set_to_none=True)
-            value = reconstruction_loss(logits(model, current, x), y, current, weight_decay)
-            value.backward()
-            optimiser.step()
-            loss = float(value.detach())
-            params = {k: v.detach() for k, v in current.items()}
-        record.adapt_seconds += time.perf_counter() - started
-        last_step = step
-        if loss < best_loss - 1e-6:
-            best_loss, since_best = loss, 0
-        else:
-            since_best += 1
+        record.snapshot(0, prior.params)  # the initialisation itself, before any step
+    steps = adaptation_steps(model, prior.params, prior.inner_lr, x, y, float(prior.adaptation["weight_decay"]),
+                             meta_steps, adam_lr, prior.first_step_sizes())
+    last = [time.perf_counter()]
+
+    def on_step(step, params):
+        record.adapt_seconds += time.perf_counter() - last[0]
         if step in record.record_steps:
             record.snapshot(step, params)
-        if since_best >= patience:
-            break
-    if converge:
-        record.snapshot(-last_step, params)  # negative steps mark "at convergence" (early stopping)
-    return {"converged_steps": last_step}
+        last[0] = time.perf_counter()
+
+    if not converge:
+        take_steps(steps, prior.params, max_steps, on_step=on_step)
+        return {"converged_steps": max_steps}
+    params, losses = steps_until_converged(steps, prior.params, patience, max_steps, on_step=on_step)
+    record.snapshot(-len(losses), params)  # negative steps mark "at convergence" (early stopping)
+    return {"converged_steps": len(losses)}
 
 
 def autodecoder_trajectory(model, coords, target, lr, latent_prior, record: Trajectory, max_steps, patience,
@@ -219,7 +197,7 @@ def evaluate_case(shape: Shape, setting: str, methods: Dict[str, object], config
         coords, target = observed_context(shape.mask, shape.geometry, planes, frame)
         pick = choose_context(target, int(prior.adaptation["context_points"]), 0, prior.adaptation["context_sampling"])
         record = Trajectory(None, shape.mask, spacing, record_steps, planes)
-        meta_steps = prior.default_steps if name == "maml" else 0
+        meta_steps = prior.meta_steps if name == "maml" else 0  # B.(ii): Adam from the first step
         adam_lr = float(prior.adaptation["auto"]["lr"]) if name == "maml" else float(config["pretrain"]["lr"])
         info = siren_trajectory(prior, coords[pick], target[pick], meta_steps, adam_lr, record, max_steps, patience,
                                 frame, shape.geometry, device, converge=full)

@@ -26,6 +26,7 @@ def export_prior(config: dict, prior_path: str, name: str, results_dir: Optional
     card["meta_training"] = card.get("training", {}).get("settings") or meta_training_settings(config)
     # reconstruction draws its context the way the prior was meta-trained, whatever this config says
     card["adaptation"].update(steps=int(config["adaptation"]["steps"]),
+                              meta_steps=int(card["meta_training"].get("inner_steps", config["maml"]["inner_steps"])),
                               context_points=int(config["adaptation"]["context_points"]),
                               first_step_scale=float(config["adaptation"]["first_step_scale"]),
                               context_sampling=card["meta_training"].get("context_sampling", "uniform"))

@@ -1,11 +1,13 @@
 """Adapting a prior to the observed voxels of one case.
 
-`inner_step` is the meta-training inner loop's step, used unchanged here: the same loss, the
-same per-parameter step sizes. It is written with `torch.func` so training can `vmap` it over a
-batch of tasks and differentiate through it.
+`inner_step` is the meta-training inner loop's step, used unchanged for the steps the prior was
+meta-trained for (`adaptation_steps`): the same loss, the same per-parameter step sizes. It is
+written with `torch.func` so training can `vmap` it over a batch of tasks and differentiate
+through it.
 """
 
-from typing import Callable, List, Mapping, Optional, Tuple
+from itertools import islice
+from typing import Callable, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -14,6 +16,8 @@ from .errors import Cancelled
 from .siren import Params, Siren, logits, reconstruction_loss
 
 Progress = Callable[[int, int, Optional[float]], bool]
+Step = Tuple[Params, float]  # the weights after a step, the context loss before it
+OnStep = Callable[[int, Params], None]
 
 
 def report(progress: Optional[Progress], step: int, total: int, loss: Optional[float] = None) -> None:
@@ -81,51 +85,64 @@ def warm_up() -> None:
                torch.zeros(2, 3), torch.tensor([0.0, 1.0]), 1.0)
 
 
-def adapt(model: Siren, params: Mapping[str, torch.Tensor], inner_lr: Mapping[str, torch.Tensor],
-          coords: torch.Tensor, target: torch.Tensor, steps: int, weight_decay: float,
-          progress: Optional[Progress] = None,
-          first_lr: Optional[Mapping[str, torch.Tensor]] = None) -> Tuple[Params, List[float]]:
-    """`steps` inner-loop steps; returns the adapted weights and the loss before each step.
-    The first step takes `first_lr` as its step sizes when given (`Prior.first_step_sizes`: the
-    first step from the prior gains from sizes of its own), every other step `inner_lr`."""
-    losses = []
-    params = dict(params)
-    for step in range(steps):
+def adaptation_steps(model: Siren, params: Mapping[str, torch.Tensor], inner_lr: Mapping[str, torch.Tensor],
+                     coords: torch.Tensor, target: torch.Tensor, weight_decay: float, meta_steps: int,
+                     adam_lr: float, first_lr: Optional[Mapping[str, torch.Tensor]] = None) -> Iterator[Step]:
+    """The adaptation, one step at a time and without end: `meta_steps` steps of the inner loop
+    with the meta-learned step sizes (`first_lr` for the first one when given:
+    `Prior.first_step_sizes`), then Adam at `adam_lr`. The sizes were learned for the steps
+    meta-training unrolled; repeated beyond them they overshoot, so later steps go to Adam.
+    Yields the weights after each step and the context loss before it."""
+    params = {k: v.detach() for k, v in params.items()}
+    for step in range(meta_steps):
         sizes = first_lr if step == 0 and first_lr is not None else inner_lr
         params, loss = inner_step(model, params, sizes, coords, target, weight_decay)
         params = {k: v.detach() for k, v in params.items()}
-        losses.append(float(loss.detach()))
-        report(progress, step + 1, steps, losses[-1])
-    return params, losses
-
-
-def adapt_until_converged(model: Siren, params: Mapping[str, torch.Tensor], coords: torch.Tensor,
-                          target: torch.Tensor, weight_decay: float, lr: float, patience: int,
-                          max_steps: int, progress: Optional[Progress] = None,
-                          step_offset: int = 0) -> Tuple[Params, List[float]]:
-    """Continue with Adam until the context loss has not improved for `patience` steps.
-
-    Returns the best weights seen and the loss of every step."""
-    current = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    optimiser = torch.optim.Adam(current.values(), lr=lr)
-    best = {k: v.detach().clone() for k, v in current.items()}
-    best_loss, since_best, losses = float("inf"), 0, []
-    for step in range(max_steps):
+        yield params, float(loss.detach())
+    current = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    optimiser = torch.optim.Adam(current.values(), lr=adam_lr)
+    while True:
         optimiser.zero_grad(set_to_none=True)
         with torch.enable_grad():
             loss = reconstruction_loss(logits(model, current, coords), target, current, weight_decay)
             loss.backward()
-        value = float(loss.detach())
-        losses.append(value)
-        if value < best_loss - 1e-6:
-            best_loss, since_best = value, 0
-            best = {k: v.detach().clone() for k, v in current.items()}
+        optimiser.step()
+        # copies: the optimiser updates `current` in place at the next step
+        yield {k: v.detach().clone() for k, v in current.items()}, float(loss.detach())
+
+
+def take_steps(steps: Iterator[Step], start: Mapping[str, torch.Tensor], count: int,
+               progress: Optional[Progress] = None, on_step: Optional[OnStep] = None) -> Tuple[Params, List[float]]:
+    """The weights after `count` steps of `steps` (`start`, the weights before them, when `count`
+    is 0) and the loss before each step. `on_step(step, weights)` sees every step."""
+    params, losses = dict(start), []
+    for params, loss in islice(steps, count):
+        losses.append(loss)
+        if on_step is not None:
+            on_step(len(losses), params)
+        report(progress, len(losses), count, loss)
+    return params, losses
+
+
+def steps_until_converged(steps: Iterator[Step], start: Mapping[str, torch.Tensor], patience: int,
+                          max_steps: int, progress: Optional[Progress] = None,
+                          on_step: Optional[OnStep] = None) -> Tuple[Params, List[float]]:
+    """Steps of `steps` until the context loss has not improved for `patience` steps (or
+    `max_steps`); returns the weights of the lowest loss seen and the loss before each step."""
+    before, losses = dict(start), []
+    best, best_loss, since_best = before, float("inf"), 0
+    for after, loss in islice(steps, max_steps):
+        losses.append(loss)
+        if loss < best_loss - 1e-6:  # `loss` is that of the weights before this step
+            best, best_loss, since_best = before, loss, 0
         else:
             since_best += 1
-        report(progress, step_offset + step + 1, step_offset + max_steps, value)
+        if on_step is not None:
+            on_step(len(losses), after)
+        report(progress, len(losses), max_steps, loss)
         if since_best >= patience:
             break
-        optimiser.step()
+        before = after
     return best, losses
 
 

@@ -16,7 +16,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .adaptation import Progress, adapt, adapt_until_converged, choose_context, report, to_tensors
+from .adaptation import Progress, choose_context, report, steps_until_converged, take_steps, to_tensors
 from .errors import InputError
 from .frame import CanonicalFrame, centre_frame, fits_in_frame, observed_foreground_points
 from .geometry import Geometry
@@ -135,8 +135,9 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
                 progress: Optional[Progress] = None, seed: int = 0) -> Reconstruction:
     """Reconstruct the complete structure from a sparse labelmap.
 
-    labels: integer array indexed (i, j, k) on `geometry`; steps: an int, "auto" (the prior's
-    steps, then Adam until the context loss stops improving) or None (the prior's default);
+    labels: integer array indexed (i, j, k) on `geometry`; steps: an int (`Prior.adaptation_steps`:
+    the meta-learned steps, then Adam), "auto" (until the context loss stops improving) or None
+    (the prior's default);
     progress(step, total, loss) -> bool is called through adaptation and evaluation and may
     cancel by returning False. Raises InputError on unusable input, Cancelled on cancel."""
     started = time.perf_counter()
@@ -223,7 +224,7 @@ def _adapt_and_evaluate(prior: Prior, device: torch.device, coords: np.ndarray, 
     adaptation = prior.adaptation
     auto = adaptation["auto"]
     blocks = _block_count(frame, output_geometry)
-    adapt_total = fixed_steps + (int(auto["max_steps"]) if auto_steps else 0)
+    adapt_total = int(auto["max_steps"]) if auto_steps else fixed_steps
     total = adapt_total + blocks
 
     def adapt_progress(step, _total, loss):
@@ -232,16 +233,13 @@ def _adapt_and_evaluate(prior: Prior, device: torch.device, coords: np.ndarray, 
     started = time.perf_counter()
     prior = prior.to(device)
     coords_t, target_t = to_tensors(coords, target, device)
-    weight_decay = float(adaptation["weight_decay"])
-    params, losses = adapt(prior.model, prior.params, prior.inner_lr, coords_t, target_t, fixed_steps,
-                           weight_decay, adapt_progress, prior.first_step_sizes())
-    steps_taken = fixed_steps
+    steps = prior.adaptation_steps(coords_t, target_t)
     if auto_steps:
-        params, more = adapt_until_converged(prior.model, params, coords_t, target_t, weight_decay,
-                                             float(auto["lr"]), int(auto["patience"]), int(auto["max_steps"]),
-                                             adapt_progress, step_offset=fixed_steps)
-        losses += more
-        steps_taken += len(more)
+        params, losses = steps_until_converged(steps, prior.params, int(auto["patience"]), int(auto["max_steps"]),
+                                               adapt_progress)
+    else:
+        params, losses = take_steps(steps, prior.params, fixed_steps, adapt_progress)
+    steps_taken = len(losses)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     adapted = time.perf_counter()

@@ -14,11 +14,11 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional
+from typing import Dict, Iterator, Mapping, Optional
 
 import torch
 
-from .adaptation import CONTEXT_SAMPLING
+from .adaptation import CONTEXT_SAMPLING, Step, adaptation_steps
 from .catalog import FORMAT, PRIORS_ENV, bundled_prior_dirs, list_bundled_priors  # noqa: F401 (re-exported)
 from .errors import InputError
 from .frame import FrameSpec
@@ -45,6 +45,7 @@ def merged_adaptation(card: Mapping) -> dict:
     settings = card.get("adaptation") or {}
     merged.update({k: v for k, v in settings.items() if k != "auto"})
     merged["auto"].update(settings.get("auto") or {})
+    merged.setdefault("meta_steps", merged["steps"])  # cards from before meta_steps: every step
     return merged
 
 
@@ -55,7 +56,8 @@ def check_adaptation(card: Mapping) -> None:
         raise ValueError("adaptation must be a JSON object")
     merged = merged_adaptation(card)
     auto = merged["auto"]
-    checks = [("steps", merged["steps"], int, 0), ("context_points", merged["context_points"], int, 1),
+    checks = [("steps", merged["steps"], int, 0), ("meta_steps", merged["meta_steps"], int, 0),
+              ("context_points", merged["context_points"], int, 1),
               ("weight_decay", merged["weight_decay"], float, 0.0), ("auto.lr", auto["lr"], float, 0.0),
               ("auto.patience", auto["patience"], int, 1), ("auto.max_steps", auto["max_steps"], int, 0),
               ("first_step_scale", merged["first_step_scale"], float, 0.0)]
@@ -103,6 +105,11 @@ class Prior:
         return int(self.adaptation["steps"])
 
     @property
+    def meta_steps(self) -> int:
+        """How many steps take the meta-learned step sizes; Adam takes the later ones."""
+        return int(self.adaptation["meta_steps"])
+
+    @property
     def first_step_scale(self) -> float:
         return float(self.adaptation["first_step_scale"])
 
@@ -112,6 +119,14 @@ class Prior:
         sizes = self.first_step_lr if self.first_step_lr is not None else self.inner_lr
         scale = self.first_step_scale
         return dict(sizes) if scale == 1.0 else {k: v * scale for k, v in sizes.items()}
+
+    def adaptation_steps(self, coords: torch.Tensor, target: torch.Tensor) -> Iterator[Step]:
+        """This prior's adaptation to context points, one step at a time (see
+        `adaptation.adaptation_steps`), with the card's settings."""
+        settings = self.adaptation
+        return adaptation_steps(self.model, self.params, self.inner_lr, coords, target,
+                                float(settings["weight_decay"]), self.meta_steps, float(settings["auto"]["lr"]),
+                                self.first_step_sizes())
 
     def with_card(self, card: dict) -> "Prior":
         """The same tensors under another model card (e.g. other adaptation settings)."""

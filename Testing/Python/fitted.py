@@ -86,12 +86,12 @@ def quick_prior(name: str = "test-untrained", extent_mm: float = 96.0, lr: float
 
 
 def fit(prior, labels: np.ndarray, geometry: Geometry, slices: str, seed: int = 0):
-    """Adapt `prior` to a case exactly as `reconstruct(steps="auto")` does (the prior's fixed
-    steps, then Adam until the context loss stops improving); returns (prior, losses) where the
-    prior's weights are the adapted ones and its default steps are 0."""
+    """Adapt `prior` to a case exactly as `reconstruct(steps="auto")` does (the prior's
+    adaptation until the context loss stops improving); returns (prior, losses) where the prior's
+    weights are the adapted ones and its default steps are 0."""
     import copy
 
-    from MetaShapeReconLib.adaptation import adapt, adapt_until_converged, choose_context, to_tensors
+    from MetaShapeReconLib.adaptation import choose_context, steps_until_converged, to_tensors
     from MetaShapeReconLib.frame import centre_frame
     from MetaShapeReconLib.pipeline import observed_context, structure_mask
     from MetaShapeReconLib.planes import select_planes
@@ -104,17 +104,14 @@ def fit(prior, labels: np.ndarray, geometry: Geometry, slices: str, seed: int = 
     coords, target = observed_context(mask, geometry, planes, frame)
     chosen = choose_context(target, int(settings["context_points"]), seed, settings["context_sampling"])
     coords_t, target_t = to_tensors(coords[chosen], target[chosen], "cpu")
-    weight_decay = float(settings["weight_decay"])
     auto = settings["auto"]
     with single_thread():
-        params, losses = adapt(prior.model, prior.params, prior.inner_lr, coords_t, target_t, prior.default_steps,
-                               weight_decay, first_lr=prior.first_step_sizes())
-        params, more = adapt_until_converged(prior.model, params, coords_t, target_t, weight_decay,
-                                             float(auto["lr"]), int(auto["patience"]), int(auto["max_steps"]))
+        params, losses = steps_until_converged(prior.adaptation_steps(coords_t, target_t), prior.params,
+                                               int(auto["patience"]), int(auto["max_steps"]))
     card = copy.deepcopy(prior.card)
     card["adaptation"]["steps"] = 0
-    card["fitted"] = {"steps": len(losses) + len(more), "final_loss": min(more) if more else None}
-    return Prior(prior.model, params, prior.inner_lr, card), losses + more
+    card["fitted"] = {"steps": len(losses), "final_loss": min(losses) if losses else None}
+    return Prior(prior.model, params, prior.inner_lr, card), losses
 
 
 @functools.cache

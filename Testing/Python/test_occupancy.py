@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from MetaShapeReconLib.adaptation import adapt_until_converged, to_tensors
+from MetaShapeReconLib.adaptation import adaptation_steps, steps_until_converged, to_tensors
 from MetaShapeReconLib.errors import Cancelled
 from MetaShapeReconLib.frame import CanonicalFrame
 from MetaShapeReconLib.geometry import Geometry
@@ -33,7 +33,8 @@ def fitted():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small matrices: one thread is faster, and immune to a busy machine
     try:
-        params, losses = adapt_until_converged(prior.model, prior.params, coords, target, 0.0, 1e-2, 20, 150)
+        steps = adaptation_steps(prior.model, prior.params, prior.inner_lr, coords, target, 0.0, 0, 1e-2)
+        params, losses = steps_until_converged(steps, prior.params, 20, 150)
     finally:
         torch.set_num_threads(threads)
     assert losses[-1] < 0.2 * losses[0]

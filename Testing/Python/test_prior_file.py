@@ -235,6 +235,8 @@ def test_non_finite_weights(saved):
     (lambda c: c.update(adaptation={"first_step_scale": 0}), "first_step_scale = 0 would make the first step do nothing"),
     (lambda c: c.update(adaptation={"first_step_scale": -1.5}), "first_step_scale = -1.5 is not a number >= 0"),
     (lambda c: c.update(adaptation={"first_step_scale": "long"}), "first_step_scale = 'long' is not a number"),
+    (lambda c: c.update(adaptation={"meta_steps": -1}), "meta_steps = -1 is not a whole number >= 0"),
+    (lambda c: c.update(adaptation={"meta_steps": 2.5}), "meta_steps = 2.5 is not a whole number >= 0"),
 ])
 def test_incompatible_model_card(saved, change, phrase):
     _, stem = saved
@@ -256,3 +258,13 @@ def test_loading_never_unpickles(saved, monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     load_prior(stem)
+
+
+def test_meta_steps_default_to_the_default_steps(saved):
+    """Cards written before `meta_steps` existed: the learned step sizes serve every default step."""
+    _, stem = saved
+    edit_card(stem, lambda c: c.update(adaptation={"steps": 7}))
+    assert load_prior(stem).meta_steps == 7
+    edit_card(stem, lambda c: c.update(adaptation={"steps": 8, "meta_steps": 5}))
+    prior = load_prior(stem)
+    assert (prior.default_steps, prior.meta_steps) == (8, 5)

@@ -214,7 +214,7 @@ def test_first_step_scale_lengthens_the_first_step_only(small_case):
 
     def variant(scale, lr_factor):
         card = copy.deepcopy(prior.card)
-        card["adaptation"]["first_step_scale"] = scale
+        card["adaptation"].update(first_step_scale=scale, meta_steps=3)
         return Prior(prior.model, prior.params, {k: v * lr_factor for k, v in prior.inner_lr.items()}, card)
 
     def losses(candidate):
@@ -229,3 +229,70 @@ def test_first_step_scale_lengthens_the_first_step_only(small_case):
     own = variant(1.0, 1.0)
     own.first_step_lr = {k: v * 2 for k, v in prior.inner_lr.items()}
     assert losses(own) == pytest.approx(scaled, rel=1e-5)
+
+
+def test_adaptation_takes_the_learned_step_sizes_for_the_meta_steps_then_adam():
+    """Known answer: `meta_steps` plain inner steps (the first with its own sizes), then the steps
+    of torch's Adam from there."""
+    from MetaShapeReconLib.adaptation import adaptation_steps, inner_step, take_steps
+    from MetaShapeReconLib.siren import logits, reconstruction_loss
+
+    prior = quick_prior(hidden_features=16, extent_mm=64.0)
+    rng = np.random.default_rng(0)
+    coords = torch.as_tensor(rng.uniform(-1, 1, (256, 3)), dtype=torch.float32)
+    target = (coords.norm(dim=1) < 0.5).float()
+    first = {k: v * 3 for k, v in prior.inner_lr.items()}
+    taken, losses = take_steps(adaptation_steps(prior.model, prior.params, prior.inner_lr, coords, target, 1.0,
+                                                2, 1e-3, first), prior.params, 4)
+
+    expected, expected_losses = dict(prior.params), []
+    for sizes in (first, prior.inner_lr):
+        expected, loss = inner_step(prior.model, expected, sizes, coords, target, 1.0)
+        expected = {k: v.detach() for k, v in expected.items()}
+        expected_losses.append(float(loss.detach()))
+    current = {k: v.clone().requires_grad_(True) for k, v in expected.items()}
+    adam = torch.optim.Adam(current.values(), lr=1e-3)
+    for _ in range(2):
+        adam.zero_grad()
+        loss = reconstruction_loss(logits(prior.model, current, coords), target, current, 1.0)
+        loss.backward()
+        adam.step()
+        expected_losses.append(float(loss.detach()))
+    assert losses == pytest.approx(expected_losses, rel=1e-5)
+    for name, value in current.items():
+        torch.testing.assert_close(taken[name], value.detach())
+    untouched, none = take_steps(adaptation_steps(prior.model, prior.params, prior.inner_lr, coords, target, 1.0,
+                                                  2, 1e-3), prior.params, 0)
+    assert none == [] and all(untouched[k] is prior.params[k] for k in prior.params)
+
+
+def test_until_converged_returns_the_weights_of_the_lowest_loss():
+    """Each step yields the weights after it and the loss before it: the lowest loss (3, before
+    the second step) belongs to the weights after the first."""
+    from MetaShapeReconLib.adaptation import steps_until_converged
+
+    stream = iter([({"w": torch.tensor(float(i))}, loss) for i, loss in enumerate([5.0, 3.0, 4.0, 4.0, 2.0], 1)])
+    best, losses = steps_until_converged(stream, {"w": torch.tensor(0.0)}, patience=2, max_steps=10)
+    assert losses == [5.0, 3.0, 4.0, 4.0]  # stopped after two steps without improvement
+    assert float(best["w"]) == 1.0
+
+
+def test_steps_beyond_the_meta_steps_continue_with_adam(small_case):
+    """More steps than the prior was meta-trained for: the learned sizes serve its meta_steps and
+    Adam (the card's auto.lr) the rest, as `training evaluate` measures them."""
+    import copy
+
+    from MetaShapeReconLib.prior import Prior
+
+    sparse, geometry, _, prior = small_case
+
+    def with_meta_steps(count):
+        card = copy.deepcopy(prior.card)
+        card["adaptation"].update(meta_steps=count, steps=2)
+        return Prior(prior.model, prior.params, prior.inner_lr, card)
+
+    two = reconstruct(sparse, geometry, with_meta_steps(2), steps=5, device="cpu").report
+    five = reconstruct(sparse, geometry, with_meta_steps(5), steps=5, device="cpu").report
+    assert two["steps"] == five["steps"] == 5
+    assert two["loss"][:3] == pytest.approx(five["loss"][:3], rel=1e-6)  # the same two learned steps
+    assert two["loss"][3] != pytest.approx(five["loss"][3], rel=1e-3)  # then Adam against a third
