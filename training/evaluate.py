@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from MetaShapeReconLib.adaptation import adaptation_steps, choose_context, steps_until_converged, take_steps, to_tensors
+from MetaShapeReconLib.adaptation import choose_context, steps_until_converged, take_steps, to_tensors
 from MetaShapeReconLib.baselines import fill_between_slices, signed_distance_interpolation
 from MetaShapeReconLib.frame import FrameSpec, centre_frame
 from MetaShapeReconLib.occupancy import OccupancyNetwork, evaluate_grid
@@ -117,15 +117,15 @@ def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_
     record.evaluate = lambda params: evaluate_grid(OccupancyNetwork(params, model.omega_0, device), frame, geometry)
     if 0 in record.record_steps:
         record.snapshot(0, prior.params)  # the initialisation itself, before any step
-    steps = adaptation_steps(model, prior.params, prior.inner_lr, x, y, float(prior.adaptation["weight_decay"]),
-                             meta_steps, adam_lr, prior.first_step_sizes())
-    last = [time.perf_counter()]
+    steps = prior.adaptation_steps(x, y, meta_steps, adam_lr)
+    last = time.perf_counter()
 
     def on_step(step, params):
-        record.adapt_seconds += time.perf_counter() - last[0]
+        nonlocal last
+        record.adapt_seconds += time.perf_counter() - last  # adapting only: snapshots are timed apart
         if step in record.record_steps:
             record.snapshot(step, params)
-        last[0] = time.perf_counter()
+        last = time.perf_counter()
 
     if not converge:
         take_steps(steps, prior.params, max_steps, on_step=on_step)

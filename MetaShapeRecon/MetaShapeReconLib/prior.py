@@ -120,12 +120,15 @@ class Prior:
         scale = self.first_step_scale
         return dict(sizes) if scale == 1.0 else {k: v * scale for k, v in sizes.items()}
 
-    def adaptation_steps(self, coords: torch.Tensor, target: torch.Tensor) -> Iterator[Step]:
+    def adaptation_steps(self, coords: torch.Tensor, target: torch.Tensor, meta_steps: Optional[int] = None,
+                         adam_lr: Optional[float] = None) -> Iterator[Step]:
         """This prior's adaptation to context points, one step at a time (see
-        `adaptation.adaptation_steps`), with the card's settings."""
+        `adaptation.adaptation_steps`), with the card's settings unless `meta_steps` or `adam_lr`
+        are given (the pre-trained baseline: Adam at its own rate from the first step)."""
         settings = self.adaptation
         return adaptation_steps(self.model, self.params, self.inner_lr, coords, target,
-                                float(settings["weight_decay"]), self.meta_steps, float(settings["auto"]["lr"]),
+                                float(settings["weight_decay"]), self.meta_steps if meta_steps is None else meta_steps,
+                                float(settings["auto"]["lr"]) if adam_lr is None else adam_lr,
                                 self.first_step_sizes())
 
     def with_card(self, card: dict) -> "Prior":
