@@ -45,7 +45,9 @@ def merged_adaptation(card: Mapping) -> dict:
     settings = card.get("adaptation") or {}
     merged.update({k: v for k, v in settings.items() if k != "auto"})
     merged["auto"].update(settings.get("auto") or {})
-    merged.setdefault("meta_steps", merged["steps"])  # cards from before meta_steps: every step
+    if "meta_steps" not in merged:  # cards from before meta_steps: the steps meta-training unrolled
+        meta_training = card.get("meta_training") if isinstance(card.get("meta_training"), dict) else {}
+        merged["meta_steps"] = meta_training.get("inner_steps", merged["steps"])
     return merged
 
 

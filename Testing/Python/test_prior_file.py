@@ -260,11 +260,23 @@ def test_loading_never_unpickles(saved, monkeypatch):
     load_prior(stem)
 
 
-def test_meta_steps_default_to_the_default_steps(saved):
-    """Cards written before `meta_steps` existed: the learned step sizes serve every default step."""
+def test_meta_steps_default_to_the_steps_meta_training_unrolled(saved):
+    """Cards written before `meta_steps` existed: the learned step sizes serve the steps of the
+    card's meta-training inner loop, or every default step when the card does not say."""
     _, stem = saved
-    edit_card(stem, lambda c: c.update(adaptation={"steps": 7}))
+
+    def old_card(card, **adaptation):
+        card.pop("meta_training", None)
+        card["adaptation"] = adaptation
+
+    edit_card(stem, lambda c: old_card(c, steps=7))
     assert load_prior(stem).meta_steps == 7
-    edit_card(stem, lambda c: c.update(adaptation={"steps": 8, "meta_steps": 5}))
+    edit_card(stem, lambda c: (old_card(c, steps=7), c.update(meta_training={"inner_steps": 5})))
     prior = load_prior(stem)
-    assert (prior.default_steps, prior.meta_steps) == (8, 5)
+    assert (prior.default_steps, prior.meta_steps) == (7, 5)
+    # a setting tried on another number of default steps (`tune --setting steps=...`) keeps them
+    card = dict(prior.card, adaptation=dict(prior.card["adaptation"], steps=12))
+    assert (prior.with_card(card).default_steps, prior.with_card(card).meta_steps) == (12, 5)
+    edit_card(stem, lambda c: c.update(adaptation={"steps": 8, "meta_steps": 3}))
+    prior = load_prior(stem)
+    assert (prior.default_steps, prior.meta_steps) == (8, 3)
