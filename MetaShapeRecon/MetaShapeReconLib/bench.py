@@ -1,7 +1,7 @@
 """Benchmark: our reconstruction beside Fill between slices and signed-distance interpolation.
 
     python -m MetaShapeReconLib.bench [--short] [--prior kidney] [--device auto|cpu|cuda]
-                                      [--threads N] [--data DIR] [--repeats N]
+                                      [--threads N] [--data DIR] [--truth FILE] [--repeats N]
 
 Prints, in one run and on the same inputs (a real shape on a 1 mm 128^3 grid, sparse planes
 every w-th sagittal slice), markdown tables of time and Dice against the complete truth:
@@ -110,19 +110,25 @@ def synthetic_truth() -> Tuple[np.ndarray, Geometry]:
     return mask, geometry
 
 
-def load_truth(data_dir: Optional[str]) -> Tuple[np.ndarray, Geometry, str]:
-    """The complete shape the benchmark cuts planes from: the bundled sample, else a KiTS19 case
-    from `data_dir`, else a synthetic ellipsoid; with a sentence saying which."""
+def load_truth(data_dir: Optional[str], truth_path: Optional[str] = None) -> Tuple[np.ndarray, Geometry, str]:
+    """The complete shape the benchmark cuts planes from: `truth_path` (a labelmap of the prior's
+    own anatomy), else the bundled sample, else a KiTS19 case from `data_dir`, else a synthetic
+    ellipsoid; with a sentence saying which."""
     import SimpleITK as sitk
 
-    from .labelmap_io import read_labelmap
+    from .labelmap_io import labelmap_image, read_labelmap
 
+    if truth_path:
+        labels, geometry = read_labelmap(truth_path)  # InputError for a missing or unreadable file
+        if not labels.any():
+            raise InputError(f"--truth {truth_path}: the segmentation is empty")
+        mask, geometry = canonical_crop(labelmap_image((labels != 0).astype(np.uint8), geometry))
+        return mask, geometry, f"{truth_path}, resampled to a 1 mm {CROP_SIZE}^3 crop"
     path = sample_truth_path()
     if path:
         labels, geometry = read_labelmap(path)
         if geometry.size == (CROP_SIZE,) * 3 and np.allclose(geometry.spacing, CROP_SPACING_MM):
             return labels != 0, geometry, f"bundled sample {path}"
-        from .labelmap_io import labelmap_image
         mask, geometry = canonical_crop(labelmap_image((labels != 0).astype(np.uint8), geometry))
         return mask, geometry, f"bundled sample {path}, resampled to a 1 mm {CROP_SIZE}^3 crop"
     if data_dir:
@@ -376,6 +382,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (default: PyTorch's choice)")
     parser.add_argument("--data", default=os.environ.get("METASHAPERECON_DATA", ""),
                         help="shared data folder with kits19/ (default $METASHAPERECON_DATA)")
+    parser.add_argument("--truth", default="", help="a complete segmentation of the prior's anatomy to cut the "
+                        "planes from (default: the bundled kidney sample)")
     parser.add_argument("--repeats", type=int, default=0, help="warm calls per measurement (default 7, short 3)")
     parser.add_argument("--large-child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -398,7 +406,7 @@ def _run(args) -> int:
     started = time.perf_counter()
     repeats = args.repeats or (3 if args.short else 7)
     device = resolve_device(args.device)
-    truth, geometry, source = load_truth(args.data or None)
+    truth, geometry, source = load_truth(args.data or None, args.truth or None)
     prior, prior_note, trained = load_bench_prior(args.prior, args.short)
     prior_spec = prior.path if trained else "untrained"
     settings = [("sagittal", 8)] if args.short else [("sagittal", 8), ("sagittal", 16)]

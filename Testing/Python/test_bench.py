@@ -33,3 +33,39 @@ def test_bench_rejects_a_missing_prior_in_full_mode(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 1
     assert "error" in done.stderr and "Traceback" not in done.stderr
+
+
+def _ellipsoid_file(path, radii_mm=(20.0, 14.0, 30.0), spacing=(1.5, 1.5, 2.0), size=(60, 60, 50)):
+    import numpy as np
+    import SimpleITK as sitk
+
+    axes = [(np.arange(n) - (n - 1) / 2.0) * s / r for n, s, r in zip(size, spacing, radii_mm)]
+    i, j, k = np.meshgrid(*axes, indexing="ij")
+    inside = (i ** 2 + j ** 2 + k ** 2 <= 1.0).astype(np.uint8)
+    image = sitk.GetImageFromArray(inside.transpose(2, 1, 0))  # SimpleITK arrays are (k, j, i)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+    return 4.0 / 3.0 * np.pi * np.prod(radii_mm)
+
+
+def test_bench_truth_is_cut_to_the_canonical_crop(tmp_path):
+    """--truth: a segmentation of another anatomy, resampled onto the 1 mm 128^3 crop it is timed on."""
+    from MetaShapeReconLib.bench import load_truth
+
+    volume_mm3 = _ellipsoid_file(tmp_path / "shape.nii.gz")
+    mask, geometry, source = load_truth(None, str(tmp_path / "shape.nii.gz"))
+    assert mask.shape == (128, 128, 128) and geometry.spacing == pytest.approx((1.0, 1.0, 1.0))
+    assert mask.sum() == pytest.approx(volume_mm3, rel=0.05)
+    assert str(tmp_path / "shape.nii.gz") in source
+
+
+def test_bench_rejects_a_missing_or_empty_truth(tmp_path, capsys):
+    import numpy as np
+    import SimpleITK as sitk
+    from MetaShapeReconLib.bench import main
+
+    assert main(["--truth", str(tmp_path / "none.nii.gz")]) == 1
+    assert "input file not found" in capsys.readouterr().err
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8, 8), np.uint8)), str(tmp_path / "empty.nii.gz"))
+    assert main(["--truth", str(tmp_path / "empty.nii.gz")]) == 1
+    assert "the segmentation is empty" in capsys.readouterr().err
