@@ -118,19 +118,20 @@ def load_truth(data_dir: Optional[str], truth_path: Optional[str] = None) -> Tup
 
     from .labelmap_io import labelmap_image, read_labelmap
 
+    def cropped(labels: np.ndarray, geometry: Geometry) -> Tuple[np.ndarray, Geometry]:
+        return canonical_crop(labelmap_image((labels != 0).astype(np.uint8), geometry))
+
     if truth_path:
         labels, geometry = read_labelmap(truth_path)  # InputError for a missing or unreadable file
         if not labels.any():
             raise InputError(f"--truth {truth_path}: the segmentation is empty")
-        mask, geometry = canonical_crop(labelmap_image((labels != 0).astype(np.uint8), geometry))
-        return mask, geometry, f"{truth_path}, resampled to a 1 mm {CROP_SIZE}^3 crop"
+        return (*cropped(labels, geometry), f"{truth_path}, resampled to a 1 mm {CROP_SIZE}^3 crop")
     path = sample_truth_path()
     if path:
         labels, geometry = read_labelmap(path)
         if geometry.size == (CROP_SIZE,) * 3 and np.allclose(geometry.spacing, CROP_SPACING_MM):
             return labels != 0, geometry, f"bundled sample {path}"
-        mask, geometry = canonical_crop(labelmap_image((labels != 0).astype(np.uint8), geometry))
-        return mask, geometry, f"bundled sample {path}, resampled to a 1 mm {CROP_SIZE}^3 crop"
+        return (*cropped(labels, geometry), f"bundled sample {path}, resampled to a 1 mm {CROP_SIZE}^3 crop")
     if data_dir:
         found = _kits_case(data_dir)
         if found:
