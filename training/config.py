@@ -57,6 +57,7 @@ DEFAULTS: Dict[str, Any] = {
         "first_order_iterations": 0,  # a cheaper first-order phase before second order
         "multi_step_loss": True,      # also train the result after each inner step (good 1-step priors)
         "outer_lr": 1.0e-4,
+        "warmup_iterations": 0,       # outer_lr ramped up over a run's first iterations (continuing a prior)
         "meta_batch": 4,
         "iterations": 3000,
         "grad_clip": 1.0,

@@ -110,6 +110,7 @@ def meta_training_settings(config: dict, first_step_lr: Optional[bool] = None) -
     maml, tasks = config["maml"], config["tasks"]
     settings = {k: maml[k] for k in ("inner_steps", "inner_lr", "learn_inner_lr", "multi_step_loss", "outer_lr",
                                      "meta_batch", "first_order_iterations")}
+    settings["warmup_iterations"] = int(maml.get("warmup_iterations") or 0)
     settings["first_step_lr"] = bool(maml.get("first_step_lr")) if first_step_lr is None else first_step_lr
     settings.update(context_points=tasks["context_points"], target_points=tasks["target_points"],
                     planes=tasks["planes"], context_sampling=config["adaptation"].get("context_sampling", "uniform"))
@@ -156,6 +157,20 @@ class MetaLearner:
             trainable += list(self.inner_lr.values()) + list((self.first_step_lr or {}).values())
         self.optimizer = torch.optim.Adam(trainable, lr=float(maml["outer_lr"]))
         self.weight_decay = float(config["loss"]["weight_decay"])
+
+    def set_outer_lr(self, iteration: int) -> float:
+        """The outer step for this iteration: `maml.outer_lr`, ramped up linearly over the run's
+        first `maml.warmup_iterations`. A fresh Adam moves every weight by about its whole step in
+        its first iterations, whatever the gradient (its moment estimates hold one sample): on a
+        trained prior, whose hidden weights are a few thousandths, that undoes training first."""
+        maml = self.config["maml"]
+        rate = float(maml["outer_lr"])
+        warmup = int(maml.get("warmup_iterations") or 0)
+        if warmup > 0:
+            rate *= min(1.0, (iteration + 1) / warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+        return rate
 
     def prior(self) -> Prior:
         first = None if self.first_step_lr is None else {k: v.detach().clone() for k, v in self.first_step_lr.items()}
@@ -250,6 +265,7 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
 
     for iteration in range(start, iterations):
         first_order = iteration < int(maml["first_order_iterations"])
+        learner.set_outer_lr(iteration)
         values = learner.outer_step(sampler.batch(draw_shapes(shapes, rng, int(maml["meta_batch"]))), first_order)
         log.write(iteration=iteration + 1, seconds=time.perf_counter() - started, first_order=int(first_order), **values)
         bar.set_postfix(loss=f"{values['loss']:.3f}", first=f"{values['loss_first_step']:.3f}")
@@ -287,6 +303,7 @@ def _follow(learner: "MetaLearner", config: dict, shapes: List[Shape], rng, samp
     """The outer loop of a process other than rank 0: same steps, no files."""
     maml = config["maml"]
     for iteration in range(start, int(maml["iterations"])):
+        learner.set_outer_lr(iteration)
         learner.outer_step(sampler.batch(draw_shapes(shapes, rng, int(maml["meta_batch"]))),
                            iteration < int(maml["first_order_iterations"]))
     return ""

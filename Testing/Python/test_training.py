@@ -17,7 +17,7 @@ from MetaShapeReconLib.siren import logits, reconstruction_loss
 
 from training.config import load_config
 from training.data import Shape, TaskSampler
-from training.maml import MetaLearner, new_prior, train_maml
+from training.maml import MetaLearner, meta_training_settings, new_prior, train_maml
 from training.synthetic import synthetic_family
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -131,6 +131,29 @@ def test_maml_outer_steps_lower_the_post_adaptation_loss():
         learner.outer_step(sampler.batch(chosen), first_order=False)
     after = _post_adaptation_loss(learner, held_out)
     assert after < 0.75 * before, (before, after)  # measured: 1.33 -> 0.80
+
+
+def test_outer_step_warms_up_over_a_runs_first_iterations():
+    """maml.warmup_iterations: the outer step ramps up linearly, so a fresh Adam's first updates
+    (about the whole step on every weight) move a continued prior by a fraction of it."""
+    config = small_config(**{"maml.outer_lr": 1e-3, "maml.warmup_iterations": 4})
+    shapes = shapes_from_family(4)
+    batch = TaskSampler(config, seed=1).batch(shapes)
+    warm = MetaLearner(new_prior(config), config, torch.device("cpu"))
+    assert [warm.set_outer_lr(i) for i in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert warm.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    cold_config = small_config(**{"maml.outer_lr": 1e-3})
+    cold = MetaLearner(new_prior(cold_config), cold_config, torch.device("cpu"))
+    start = {k: v.detach().clone() for k, v in warm.params.items()}
+    warm.set_outer_lr(0)
+    cold.set_outer_lr(0)
+    warm.outer_step(batch, first_order=False)
+    cold.outer_step(batch, first_order=False)
+    moved_warm = max(float((warm.params[k] - start[k]).abs().max()) for k in start)
+    moved_cold = max(float((cold.params[k] - start[k]).abs().max()) for k in start)
+    assert moved_cold == pytest.approx(1e-3, rel=0.05)  # Adam's first update: the whole step
+    assert moved_warm == pytest.approx(0.25 * moved_cold, rel=0.05)
+    assert meta_training_settings(config)["warmup_iterations"] == 4
 
 
 def test_export_then_engine_load_predicts_identically(tmp_path):
