@@ -109,15 +109,16 @@ def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_
                      record: Trajectory, max_steps: int, patience: int, frame, geometry, device,
                      converge: bool = True) -> dict:
     """The engine's adaptation (`adaptation_steps`: `meta_steps` meta-learned steps, then Adam)
-    until the context loss stops improving (`converge`, at most `max_steps`) or for `max_steps`.
+    until the context loss stops improving (`converge`, at most `max_steps`) or for `max_steps`,
+    on context points the prior draws from the observed voxels `coords`, `target` (`Prior.context`).
     Snapshots at record.record_steps and, when converging, of the weights it settles on."""
     prior = prior.to(device)
     model = prior.model
-    x, y = to_tensors(coords, target, device)
+    context = prior.context(coords, target, 0, device)
     record.evaluate = lambda params: evaluate_grid(OccupancyNetwork(params, model.omega_0, device), frame, geometry)
     if 0 in record.record_steps:
         record.snapshot(0, prior.params)  # the initialisation itself, before any step
-    steps = prior.adaptation_steps(x, y, meta_steps, adam_lr)
+    steps = prior.adaptation_steps(context, meta_steps, adam_lr)
     last = time.perf_counter()
 
     def on_step(step, params):
@@ -195,11 +196,10 @@ def evaluate_case(shape: Shape, setting: str, methods: Dict[str, object], config
             continue
         frame = centre_frame(prior.frame_spec, shape.geometry, shape.mask, planes)
         coords, target = observed_context(shape.mask, shape.geometry, planes, frame)
-        pick = choose_context(target, int(prior.adaptation["context_points"]), 0, prior.adaptation["context_sampling"])
         record = Trajectory(None, shape.mask, spacing, record_steps, planes)
         meta_steps = prior.meta_steps if name == "maml" else 0  # B.(ii): Adam from the first step
         adam_lr = float(prior.adaptation["auto"]["lr"]) if name == "maml" else float(config["pretrain"]["lr"])
-        info = siren_trajectory(prior, coords[pick], target[pick], meta_steps, adam_lr, record, max_steps, patience,
+        info = siren_trajectory(prior, coords, target, meta_steps, adam_lr, record, max_steps, patience,
                                 frame, shape.geometry, device, converge=full)
         add(name, record.rows, info)
     if methods.get("autodecoder") is not None and full:

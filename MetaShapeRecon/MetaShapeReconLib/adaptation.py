@@ -6,6 +6,8 @@ written with `torch.func` so training can `vmap` it over a batch of tasks and di
 through it.
 """
 
+import itertools
+from dataclasses import dataclass
 from itertools import islice
 from typing import Callable, Iterator, List, Mapping, Optional, Tuple
 
@@ -62,6 +64,31 @@ def choose_context(labels: np.ndarray, limit: int, rng=0, sampling: str = "unifo
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
+@dataclass
+class Context:
+    """The context points an adaptation fits: `coords` (canonical, N x 3) and `target` (N) for
+    the first step; `redraw`, when given, draws a fresh set of the same size for every later step."""
+
+    coords: torch.Tensor
+    target: torch.Tensor
+    redraw: Optional[Callable[[], Tuple[torch.Tensor, torch.Tensor]]] = None
+
+
+def draw_context(coords: np.ndarray, labels: np.ndarray, limit: int, sampling: str = "uniform", fresh: bool = False,
+                 seed: int = 0, device="cpu") -> Context:
+    """`limit` of the observed voxels as `choose_context` draws them, on `device`. `fresh`: every
+    step after the first fits another draw, so a step costs what `limit` points cost while the
+    steps together see more of the drawing (the first draw is the same either way)."""
+    rng = np.random.default_rng(seed)
+    chosen = choose_context(labels, limit, rng, sampling)
+    redraw = None
+    if fresh and len(chosen) < len(labels):
+        def redraw():
+            pick = choose_context(labels, limit, rng, sampling)
+            return to_tensors(coords[pick], labels[pick], device)
+    return Context(*to_tensors(coords[chosen], labels[chosen], device), redraw)
+
+
 def inner_step(model: Siren, params: Mapping[str, torch.Tensor], inner_lr: Mapping[str, torch.Tensor],
                coords: torch.Tensor, target: torch.Tensor, weight_decay: float,
                first_order: bool = False) -> Tuple[Params, torch.Tensor]:
@@ -87,24 +114,30 @@ def warm_up() -> None:
 
 def adaptation_steps(model: Siren, params: Mapping[str, torch.Tensor], inner_lr: Mapping[str, torch.Tensor],
                      coords: torch.Tensor, target: torch.Tensor, weight_decay: float, meta_steps: int,
-                     adam_lr: float, first_lr: Optional[Mapping[str, torch.Tensor]] = None) -> Iterator[Step]:
+                     adam_lr: float, first_lr: Optional[Mapping[str, torch.Tensor]] = None,
+                     redraw: Optional[Callable[[], Tuple[torch.Tensor, torch.Tensor]]] = None) -> Iterator[Step]:
     """The adaptation, one step at a time and without end: `meta_steps` steps of the inner loop
     with the meta-learned step sizes (`first_lr` for the first one when given:
     `Prior.first_step_sizes`), then Adam at `adam_lr`. The sizes were learned for the steps
     meta-training unrolled; repeated beyond them they overshoot, so later steps go to Adam.
+    The first step fits `coords`, `target`; later ones fit `redraw()` when given (`Context`).
     Yields the weights after each step and the context loss before it."""
+    def context(step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return (coords, target) if step == 0 or redraw is None else redraw()
+
     params = {k: v.detach() for k, v in params.items()}
     for step in range(meta_steps):
         sizes = first_lr if step == 0 and first_lr is not None else inner_lr
-        params, loss = inner_step(model, params, sizes, coords, target, weight_decay)
+        params, loss = inner_step(model, params, sizes, *context(step), weight_decay)
         params = {k: v.detach() for k, v in params.items()}
         yield params, float(loss.detach())
     current = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     optimiser = torch.optim.Adam(current.values(), lr=adam_lr)
-    while True:
+    for step in itertools.count(meta_steps):
+        x, y = context(step)
         optimiser.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            loss = reconstruction_loss(logits(model, current, coords), target, current, weight_decay)
+            loss = reconstruction_loss(logits(model, current, x), y, current, weight_decay)
             loss.backward()
         optimiser.step()
         # copies: the optimiser updates `current` in place at the next step

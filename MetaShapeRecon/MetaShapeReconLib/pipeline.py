@@ -16,7 +16,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .adaptation import Progress, choose_context, report, steps_until_converged, take_steps, to_tensors
+from .adaptation import Progress, report, steps_until_converged, take_steps
 from .errors import InputError
 from .frame import CanonicalFrame, centre_frame, fits_in_frame, observed_foreground_points
 from .geometry import Geometry
@@ -141,7 +141,6 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
     progress(step, total, loss) -> bool is called through adaptation and evaluation and may
     cancel by returning False. Raises InputError on unusable input, Cancelled on cancel."""
     started = time.perf_counter()
-    adaptation = prior.adaptation
     auto_steps = isinstance(steps, str) and steps.lower() == "auto"
     if steps is None or auto_steps:
         fixed_steps = prior.default_steps
@@ -163,7 +162,6 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
     coords, target = observed_context(mask, geometry, planes, frame)
     if len(coords) == 0:
         raise InputError("no observed voxel lies inside the prior's frame")
-    chosen = choose_context(target, int(adaptation["context_points"]), seed, adaptation["context_sampling"])
     warnings = []
     if not fits_in_frame(frame, observed_foreground_points(mask, planes, geometry)):
         warnings.append(f"the drawn structure is larger than the prior's {prior.frame_spec.extent_mm} mm frame; "
@@ -174,7 +172,7 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
         attempts.append(torch.device("cpu"))  # graceful fallback when the GPU is too small
     for attempt in attempts:
         try:
-            result = _adapt_and_evaluate(prior, attempt, coords[chosen], target[chosen], fixed_steps, auto_steps,
+            result = _adapt_and_evaluate(prior, attempt, coords, target, seed, fixed_steps, auto_steps,
                                          frame, output_geometry, evaluation, progress)
             torch_device = attempt
             break
@@ -184,14 +182,14 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
             if attempt is attempts[-1]:
                 raise InputError(f"out of memory on {attempt}: try --device cpu or a coarser --output-spacing") from None
             warnings.append("the GPU ran out of memory; reconstructed on the CPU instead")
-    output, losses, network, timings, steps_taken = result
+    output, losses, network, timings, steps_taken, context = result
 
     same_grid = output_geometry.same_grid(geometry)
     if same_grid:
         drawn_dice = _drawn_dice(output, mask, planes)
         removed_parts, removed_voxels = finish_on_drawing(output, mask, planes)  # the drawing is the truth
     else:
-        drawn_dice = dice(network.probabilities(coords[chosen]) >= 0.5, target[chosen])
+        drawn_dice = dice(network.probabilities(context.coords.cpu().numpy()) >= 0.5, context.target.cpu().numpy())
         removed_parts = removed_voxels = 0
     if not output.any():
         warnings.append("the reconstruction is empty")
@@ -204,7 +202,8 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
         "steps_mode": "auto" if auto_steps else "fixed",
         "device": device_description(torch_device),
         "observed_planes": describe_planes(planes, geometry),
-        "context_points": {"observed": int(len(coords)), "used": int(len(chosen))},
+        "context_points": {"observed": int(len(coords)), "used": int(len(context.target)),
+                           "fresh_each_step": context.redraw is not None},
         "frame": {"centre_lps_mm": list(frame.centre), "extent_mm": list(prior.frame_spec.extent_mm)},
         "loss": losses,
         "dice_observed_planes": drawn_dice,
@@ -218,7 +217,7 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
     return Reconstruction(output, output_geometry, record)
 
 
-def _adapt_and_evaluate(prior: Prior, device: torch.device, coords: np.ndarray, target: np.ndarray,
+def _adapt_and_evaluate(prior: Prior, device: torch.device, coords: np.ndarray, target: np.ndarray, seed: int,
                         fixed_steps: int, auto_steps: bool, frame: CanonicalFrame, output_geometry: Geometry,
                         evaluation: str, progress: Optional[Progress]):
     adaptation = prior.adaptation
@@ -232,8 +231,8 @@ def _adapt_and_evaluate(prior: Prior, device: torch.device, coords: np.ndarray, 
 
     started = time.perf_counter()
     prior = prior.to(device)
-    coords_t, target_t = to_tensors(coords, target, device)
-    steps = prior.adaptation_steps(coords_t, target_t)
+    context = prior.context(coords, target, seed, device)
+    steps = prior.adaptation_steps(context)
     if auto_steps:
         params, losses = steps_until_converged(steps, prior.params, int(auto["patience"]), int(auto["max_steps"]),
                                                adapt_progress)
@@ -252,7 +251,7 @@ def _adapt_and_evaluate(prior: Prior, device: torch.device, coords: np.ndarray, 
     output = evaluate_grid(network, frame, output_geometry, method=evaluation, progress=evaluate_progress)
     report(progress, total, total)
     timings = {"adapt": adapted - started, "evaluate": time.perf_counter() - adapted}
-    return output, losses, network, timings, steps_taken
+    return output, losses, network, timings, steps_taken, context
 
 
 def _block_count(frame: CanonicalFrame, geometry: Geometry, block: int = 128) -> int:

@@ -16,9 +16,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, Mapping, Optional
 
+import numpy as np
 import torch
 
-from .adaptation import CONTEXT_SAMPLING, Step, adaptation_steps
+from .adaptation import CONTEXT_SAMPLING, Context, Step, adaptation_steps, draw_context
 from .catalog import FORMAT, PRIORS_ENV, bundled_prior_dirs, list_bundled_priors  # noqa: F401 (re-exported)
 from .errors import InputError
 from .frame import FrameSpec
@@ -35,6 +36,7 @@ DEFAULT_ADAPTATION = {
     "weight_decay": 100.0,
     "context_sampling": "uniform",
     "first_step_scale": 1.0,
+    "fresh_context": False,
     "auto": {"optimizer": "adam", "lr": 1e-4, "patience": 10, "max_steps": 1000},
 }
 
@@ -65,6 +67,8 @@ def check_adaptation(card: Mapping) -> None:
               ("first_step_scale", merged["first_step_scale"], float, 0.0)]
     if "inner_lr" in merged:
         checks.append(("inner_lr", merged["inner_lr"], float, 0.0))
+    if not isinstance(merged["fresh_context"], bool):
+        raise ValueError(f"adaptation.fresh_context = {merged['fresh_context']!r} is not true or false")
     if merged["context_sampling"] not in CONTEXT_SAMPLING:
         raise ValueError(f"adaptation.context_sampling = {merged['context_sampling']!r} is not one of "
                          f"{', '.join(CONTEXT_SAMPLING)}")
@@ -122,16 +126,23 @@ class Prior:
         scale = self.first_step_scale
         return dict(sizes) if scale == 1.0 else {k: v * scale for k, v in sizes.items()}
 
-    def adaptation_steps(self, coords: torch.Tensor, target: torch.Tensor, meta_steps: Optional[int] = None,
+    def context(self, coords: np.ndarray, labels: np.ndarray, seed: int = 0, device="cpu") -> Context:
+        """The context points of an adaptation, drawn from the observed voxels (canonical
+        coordinates, labels) as the card says: how many, how, and whether each step draws afresh."""
+        settings = self.adaptation
+        return draw_context(coords, labels, int(settings["context_points"]), settings["context_sampling"],
+                            bool(settings["fresh_context"]), seed, device)
+
+    def adaptation_steps(self, context: Context, meta_steps: Optional[int] = None,
                          adam_lr: Optional[float] = None) -> Iterator[Step]:
-        """This prior's adaptation to context points, one step at a time (see
+        """This prior's adaptation to `context` (`Prior.context`), one step at a time (see
         `adaptation.adaptation_steps`), with the card's settings unless `meta_steps` or `adam_lr`
         are given (the pre-trained baseline: Adam at its own rate from the first step)."""
         settings = self.adaptation
-        return adaptation_steps(self.model, self.params, self.inner_lr, coords, target,
+        return adaptation_steps(self.model, self.params, self.inner_lr, context.coords, context.target,
                                 float(settings["weight_decay"]), self.meta_steps if meta_steps is None else meta_steps,
                                 float(settings["auto"]["lr"]) if adam_lr is None else adam_lr,
-                                self.first_step_sizes())
+                                self.first_step_sizes(), context.redraw)
 
     def with_card(self, card: dict) -> "Prior":
         """The same tensors under another model card (e.g. other adaptation settings)."""

@@ -91,7 +91,7 @@ def fit(prior, labels: np.ndarray, geometry: Geometry, slices: str, seed: int = 
     weights are the adapted ones and its default steps are 0."""
     import copy
 
-    from MetaShapeReconLib.adaptation import choose_context, steps_until_converged, to_tensors
+    from MetaShapeReconLib.adaptation import steps_until_converged
     from MetaShapeReconLib.frame import centre_frame
     from MetaShapeReconLib.pipeline import observed_context, structure_mask
     from MetaShapeReconLib.planes import select_planes
@@ -102,11 +102,9 @@ def fit(prior, labels: np.ndarray, geometry: Geometry, slices: str, seed: int = 
     planes = select_planes(slices, mask, geometry)
     frame = centre_frame(prior.frame_spec, geometry, mask, planes)
     coords, target = observed_context(mask, geometry, planes, frame)
-    chosen = choose_context(target, int(settings["context_points"]), seed, settings["context_sampling"])
-    coords_t, target_t = to_tensors(coords[chosen], target[chosen], "cpu")
     auto = settings["auto"]
     with single_thread():
-        params, losses = steps_until_converged(prior.adaptation_steps(coords_t, target_t), prior.params,
+        params, losses = steps_until_converged(prior.adaptation_steps(prior.context(coords, target, seed)), prior.params,
                                                int(auto["patience"]), int(auto["max_steps"]))
     card = copy.deepcopy(prior.card)
     card["adaptation"]["steps"] = 0

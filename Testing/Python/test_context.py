@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from MetaShapeReconLib.adaptation import choose_context
+from MetaShapeReconLib.adaptation import choose_context, draw_context
 
 LABELS = np.array([1.0] * 30 + [0.0] * 970)
 
@@ -34,3 +34,21 @@ def test_exact_counts_for_training_batches():
 def test_unknown_sampling_is_refused():
     with pytest.raises(ValueError):
         choose_context(LABELS, 10, 0, "stratified")
+
+
+def test_draw_context_redraws_only_when_fresh_and_there_is_more_to_see():
+    coords = np.random.default_rng(0).uniform(-1, 1, (len(LABELS), 3)).astype(np.float32)
+    fixed = draw_context(coords, LABELS, 100, "balanced", fresh=False, seed=3)
+    first = choose_context(LABELS, 100, 3, "balanced")  # the first draw is the one reconstruction always made
+    assert fixed.redraw is None
+    np.testing.assert_array_equal(fixed.coords.numpy(), coords[first])
+    np.testing.assert_array_equal(fixed.target.numpy(), LABELS[first])
+    fresh = draw_context(coords, LABELS, 100, "balanced", fresh=True, seed=3)
+    np.testing.assert_array_equal(fresh.coords.numpy(), coords[first])
+    seen = {tuple(map(tuple, fresh.coords.numpy()))}
+    for _ in range(3):
+        x, y = fresh.redraw()
+        assert len(x) == 100 and float(y.sum()) == 30  # the same count, drawn the same way
+        seen.add(tuple(map(tuple, x.numpy())))
+    assert len(seen) == 4  # every draw another set of voxels
+    assert draw_context(coords, LABELS, 5000, fresh=True).redraw is None  # every voxel already in

@@ -235,6 +235,7 @@ def test_non_finite_weights(saved):
     (lambda c: c.update(adaptation={"first_step_scale": 0}), "first_step_scale = 0 would make the first step do nothing"),
     (lambda c: c.update(adaptation={"first_step_scale": -1.5}), "first_step_scale = -1.5 is not a number >= 0"),
     (lambda c: c.update(adaptation={"first_step_scale": "long"}), "first_step_scale = 'long' is not a number"),
+    (lambda c: c.update(adaptation={"fresh_context": "yes"}), "fresh_context = 'yes' is not true or false"),
     (lambda c: c.update(adaptation={"meta_steps": -1}), "meta_steps = -1 is not a whole number >= 0"),
     (lambda c: c.update(adaptation={"meta_steps": 2.5}), "meta_steps = 2.5 is not a whole number >= 0"),
 ])

@@ -266,6 +266,59 @@ def test_adaptation_takes_the_learned_step_sizes_for_the_meta_steps_then_adam():
     assert none == [] and all(untouched[k] is prior.params[k] for k in prior.params)
 
 
+def test_fresh_context_fits_a_new_draw_at_every_step_after_the_first():
+    """Known answer: with `redraw`, the first step fits the given points and each later step
+    (learned sizes, then Adam) the next draw."""
+    from MetaShapeReconLib.adaptation import adaptation_steps, inner_step, take_steps
+    from MetaShapeReconLib.siren import logits, reconstruction_loss
+
+    prior = quick_prior(hidden_features=16, extent_mm=64.0)
+    rng = np.random.default_rng(0)
+    draws = []
+    for _ in range(4):
+        coords = torch.as_tensor(rng.uniform(-1, 1, (128, 3)), dtype=torch.float32)
+        draws.append((coords, (coords.norm(dim=1) < 0.5).float()))
+    later = iter(draws[1:])
+    taken, losses = take_steps(adaptation_steps(prior.model, prior.params, prior.inner_lr, *draws[0], 1.0, 2, 1e-3,
+                                                redraw=lambda: next(later)), prior.params, 4)
+    expected, expected_losses = dict(prior.params), []
+    for coords, target in draws[:2]:
+        expected, loss = inner_step(prior.model, expected, prior.inner_lr, coords, target, 1.0)
+        expected = {k: v.detach() for k, v in expected.items()}
+        expected_losses.append(float(loss.detach()))
+    current = {k: v.clone().requires_grad_(True) for k, v in expected.items()}
+    adam = torch.optim.Adam(current.values(), lr=1e-3)
+    for coords, target in draws[2:]:
+        adam.zero_grad()
+        loss = reconstruction_loss(logits(prior.model, current, coords), target, current, 1.0)
+        loss.backward()
+        adam.step()
+        expected_losses.append(float(loss.detach()))
+    assert losses == pytest.approx(expected_losses, rel=1e-5)
+    for name, value in current.items():
+        torch.testing.assert_close(taken[name], value.detach())
+
+
+def test_a_prior_with_fresh_context_draws_afresh_after_the_first_step(small_case):
+    """The card's `fresh_context`: the first step is the same reconstruction, later steps see other
+    voxels of the drawing (the report says so)."""
+    sparse, geometry, _, prior = small_case
+    card = dict(prior.card, adaptation=dict(prior.card["adaptation"], context_points=256))
+    fixed = prior.with_card(card)
+    fresh = prior.with_card(dict(card, adaptation=dict(card["adaptation"], fresh_context=True)))
+    runs = {}
+    for name, candidate in (("fixed", fixed), ("fresh", fresh)):
+        for steps in (1, 3):
+            runs[name, steps] = reconstruct(sparse, geometry, candidate, steps=steps, slices="sagittal:6:3",
+                                            device="cpu").report
+    assert runs["fixed", 1]["loss"] == runs["fresh", 1]["loss"]
+    assert runs["fixed", 3]["loss"][0] == runs["fresh", 3]["loss"][0]
+    assert runs["fixed", 3]["loss"][1:] != pytest.approx(runs["fresh", 3]["loss"][1:], rel=1e-4)
+    assert runs["fresh", 3]["context_points"]["used"] == 256 < runs["fresh", 3]["context_points"]["observed"]
+    assert runs["fresh", 3]["context_points"]["fresh_each_step"] is True
+    assert runs["fixed", 3]["context_points"]["fresh_each_step"] is False
+
+
 def test_until_converged_returns_the_weights_of_the_lowest_loss():
     """Each step yields the weights after it and the loss before it: the lowest loss (3, before
     the second step) belongs to the weights after the first."""

@@ -157,7 +157,8 @@ def test_outer_step_warms_up_over_a_runs_first_iterations():
 
 
 def test_export_then_engine_load_predicts_identically(tmp_path):
-    config = small_config(**{"maml.iterations": 2, "adaptation.first_step_scale": 1.5})
+    config = small_config(**{"maml.iterations": 2, "adaptation.first_step_scale": 1.5,
+                             "adaptation.fresh_context": True})
     shapes = shapes_from_family(4)
     path = train_maml(config, str(tmp_path / "run"), shapes=shapes)
     trained = load_prior(path)
@@ -177,7 +178,7 @@ def test_export_then_engine_load_predicts_identically(tmp_path):
         written = json.load(handle)
     assert written["training"]["method"] == "maml"
     assert written["meta_training"]["outer_lr"] == config["maml"]["outer_lr"]
-    assert exported.first_step_scale == 1.5
+    assert exported.first_step_scale == 1.5 and exported.adaptation["fresh_context"] is True
 
 
 def test_first_step_learns_step_sizes_of_its_own(tmp_path):
