@@ -46,6 +46,11 @@ def main(argv=None) -> int:
     evaluate.add_argument("--autodecoder", help="B.(i) model (.safetensors)")
     evaluate.add_argument("--transfer", action="append", default=[], metavar="NAME=CONFIG",
                           help="also evaluate the prior on another anatomy's test split")
+    evaluate.add_argument("--reuse", metavar="RESULTS_CSV",
+                          help="an earlier evaluation's results.csv on the same inputs: the methods this run "
+                               "does not evaluate (e.g. B.(i) and B.(ii) when only the prior changed) are taken from it")
+    evaluate.add_argument("--reuse-transfer", metavar="TRANSFER_CSV",
+                          help="likewise for the transfer table (transfer.csv)")
     evaluate.add_argument("--out", required=True, help="folder for tables (markdown, CSV) and plots")
 
     export = command("export", "write NAME.safetensors + NAME.json for the engine and Slicer")

@@ -219,6 +219,11 @@ def evaluate_case(shape: Shape, setting: str, methods: Dict[str, object], config
 def run_evaluation(config: dict, args) -> None:
     from .autodecoder import load_autodecoder
 
+    # read before the long run: a wrong file fails at once
+    earlier_rows = read_rows(args.reuse) if getattr(args, "reuse", None) else []
+    earlier_transfer = read_rows(args.reuse_transfer, "--reuse-transfer") if getattr(args, "reuse_transfer", None) else []
+    for row in earlier_transfer:
+        row.setdefault("setting", "sagittal:8")  # the transfer table's only input (older files omit it)
     device = resolve_device(config["device"])
     os.makedirs(args.out, exist_ok=True)
     methods: Dict[str, object] = {}
@@ -247,7 +252,58 @@ def run_evaluation(config: dict, args) -> None:
         siren_methods = {k: v for k, v in methods.items() if k in ("maml", "pretrain")}
         for row in evaluate_settings(other_shapes, ["sagittal:8"], siren_methods, config, device, f"transfer {name}"):
             transfer_rows.append(dict(row, target=name))
-    write_results(args.out, rows, transfer_rows, config, methods, args)
+    reused = set()
+    for table, earlier, option, key in ((rows, earlier_rows, "reuse", "setting"),
+                                        (transfer_rows, earlier_transfer, "reuse_transfer", "target")):
+        path = getattr(args, option, None)
+        if path:
+            check_same_inputs(table, earlier, f"--{option.replace('_', '-')} {path}", key)
+            carried = [r for r in earlier if r["method"] not in methods]
+            table += carried
+            reused |= {r["method"] for r in carried}
+    write_results(args.out, rows, transfer_rows, config, methods, args, sorted(reused))
+
+
+# rows of an earlier evaluation: the methods a run does not evaluate (B.(i), B.(ii) when only the
+# prior changed) can be carried over, provided the inputs are the same
+NUMBERS = {"steps": int, "dice": float, "asd": float, "hd95": float, "seconds": float, "converged_steps": int}
+
+
+def read_rows(path: str, option: str = "--reuse") -> List[dict]:
+    """The rows of a results.csv or transfer.csv written by `write_results`, with their numbers."""
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as error:
+        raise SystemExit(f"{option} {path}: {error.strerror}") from None
+    if not rows or "method" not in rows[0] or "shape" not in rows[0]:
+        raise SystemExit(f"{option} {path}: not a results table of `training evaluate`")
+    for row in rows:
+        for key, kind in NUMBERS.items():
+            if key in row:
+                row[key] = kind(row[key]) if row[key] not in ("", None) else ""
+    return rows
+
+
+def check_same_inputs(rows: List[dict], earlier: List[dict], source: str, key: str = "setting") -> None:
+    """Carried-over rows are only comparable on the same sparse inputs: the same shapes and
+    settings (`key`: "target" for the transfer table), and, where both runs have them, the same
+    Dice for the deterministic classic tools (the same planes). Exits before anything is written
+    otherwise."""
+    def cases(table):
+        return {(r.get(key), r["shape"]) for r in table}
+
+    if rows and cases(rows) != cases(earlier):
+        raise SystemExit(f"{source}: it was evaluated on other shapes or settings than this run "
+                         "(check evaluate.cases, evaluate.settings, --transfer and the split)")
+    classic = {(r["method"], r.get(key), r["shape"]): r["dice"] for r in rows
+               if r["method"] in ("fill_between_slices", "sdf_interpolation")}
+    for r in earlier:
+        case = (r["method"], r.get(key), r["shape"])
+        if case in classic and abs(classic[case] - r["dice"]) > 1e-6:
+            raise SystemExit(f"{source}: {r['method']} on {r['shape']} ({r.get(key)}) gives Dice "
+                             f"{classic[case]:.6f} here and {r['dice']:.6f} there: the sparse inputs differ "
+                             "(another seed or config?)")
 
 
 def evaluate_settings(shapes, settings, methods, config, device, label) -> List[dict]:
@@ -312,7 +368,8 @@ def _format_reach(values, unit=""):
     return text + (f" ({missed} never)" if missed else "")
 
 
-def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config: dict, methods, args) -> None:
+def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config: dict, methods, args,
+                  reused: Sequence[str] = ()) -> None:
     with open(os.path.join(out, "results.csv"), "w", newline="") as handle:
         columns = ["method", "setting", "shape", "steps", "dice", "asd", "hd95", "seconds", "converged_steps"]
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
@@ -320,7 +377,7 @@ def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config:
         writer.writerows(rows)
     if transfer_rows:
         with open(os.path.join(out, "transfer.csv"), "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["target", "method", "shape", "steps", "dice", "asd"],
+            writer = csv.DictWriter(handle, fieldnames=["target", "method", "setting", "shape", "steps", "dice", "asd"],
                                     extrasaction="ignore")
             writer.writeheader()
             writer.writerows(transfer_rows)
@@ -335,6 +392,11 @@ def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config:
              f"`{config['data'].get('split_file') or 'split.json'}`); Dice, ASD and HD95 against the whole shape on "
              f"its {config['data']['spacing_mm']} mm canonical crop. Command: `python -m training evaluate "
              f"{' '.join(_command_args(args))}`", ""]
+    if reused:
+        earlier = _earlier_command(args.reuse, args.config) if getattr(args, "reuse", None) else None
+        lines += [f"Rows of {', '.join(NAMES[m] for m in reused)} are carried over from an earlier evaluation on the "
+                  f"same inputs ({', '.join(p for p in (args.reuse, getattr(args, 'reuse_transfer', None)) if p)}); "
+                  "their seconds were measured there." + (f" That evaluation: `{earlier}`" if earlier else ""), ""]
 
     lines += ["## Ours against the classic tools on the same inputs", "",
               f"Ours after 1 step and after the prior's default {default_steps} steps (model card).", "",
@@ -426,6 +488,24 @@ def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config:
     print("\n".join(lines))
 
 
+def _earlier_command(reused_csv: str, config_path: Optional[str]) -> Optional[str]:
+    """The command of the evaluation that measured the baselines of `reused_csv`, as its results.md
+    (an evaluation folder) or RESULTS.md (published) beside it gives it, so the carried-over rows
+    keep their provenance."""
+    folder = os.path.dirname(os.path.abspath(reused_csv))
+    for name in ("results.md", "RESULTS.md"):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as handle:
+            text = handle.read()
+        for command in text.split("`")[1::2]:  # the quoted spans
+            if command.startswith(f"python -m training evaluate --config {config_path} ") and \
+                    ("--pretrain" in command or "--autodecoder" in command):
+                return command
+    return None
+
+
 def _command_args(args) -> List[str]:
     parts = []
     for key in ("config", "prior", "pretrain", "autodecoder"):
@@ -433,6 +513,8 @@ def _command_args(args) -> List[str]:
             parts.append(f"--{key} {getattr(args, key)}")
     parts += [f"--set {o}" for o in getattr(args, "overrides", [])]
     parts += [f"--transfer {t}" for t in getattr(args, "transfer", [])]
+    parts += [f"--{key.replace('_', '-')} {getattr(args, key)}" for key in ("reuse", "reuse_transfer")
+              if getattr(args, key, None)]
     parts.append(f"--out {args.out}")
     return parts
 

@@ -318,6 +318,38 @@ def test_smoke_run_every_method_on_real_kidneys(data_dir, tmp_path):
     assert exported["meta_training"]["outer_lr"] == 2e-5  # the run's settings, not the export command's
     assert exported["results"]["settings"]["orthogonal"]
 
+    # the prior alone evaluated again: the baselines' rows come from the first run, unchanged
+    again = tmp_path / "again"
+    evaluate_prior_only = ["evaluate", "--prior", str(tmp_path / "maml" / "checkpoint.safetensors"),
+                           "--reuse", str(out / "results.csv"),
+                           "--set", 'evaluate.settings=["sagittal:16", "orthogonal"]',
+                           "--set", "evaluate.converge.max_steps=3", "--set", 'evaluate.trajectory_settings=["sagittal:16"]']
+    run(*evaluate_prior_only, "--out", str(again))
+    table = (again / "results.md").read_text()
+    assert "B.(ii) pre-trained" in table and "B.(i) auto-decoder" in table and "carried over" in table
+    assert "--reuse" in table  # the command that reproduces it, and the one that measured the baselines
+    assert "That evaluation: `python -m training evaluate" in table and "--pretrain" in table
+
+    def baseline_rows(folder):
+        lines = (folder / "results.csv").read_text().splitlines()
+        return sorted(line for line in lines if line.startswith(("pretrain,", "autodecoder,")))
+
+    assert baseline_rows(again) == baseline_rows(out) and baseline_rows(out)
+    # rows from other inputs are refused and nothing is written: Fill between slices disagrees
+    # (other planes), or the earlier run had other settings
+    tampered = tmp_path / "tampered.csv"
+    tampered.write_text("\n".join(line.replace(line.split(",")[4], "0.5") if line.startswith("fill_between_slices,")
+                                   else line for line in (out / "results.csv").read_text().splitlines()))
+    for reuse, extra, message in ((tampered, [], "the sparse inputs differ"),
+                                  (out / "results.csv", ["--set", 'evaluate.settings=["sagittal:16"]'],
+                                   "other shapes or settings")):
+        arguments = [a if a != str(out / "results.csv") else str(reuse) for a in evaluate_prior_only]
+        refused = subprocess.run([sys.executable, "-m", "training", *arguments, *extra, "--out",
+                                  str(tmp_path / "refused"), *common], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=600, env=dict(os.environ, METASHAPERECON_NO_PROGRESS="1"))
+        assert refused.returncode != 0 and message in refused.stderr, refused.stderr[-2000:]
+        assert not (tmp_path / "refused" / "results.md").exists()
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["maml", "pretrain", "autodecoder"])
