@@ -231,11 +231,33 @@ def test_first_step_scale_lengthens_the_first_step_only(small_case):
     assert losses(own) == pytest.approx(scaled, rel=1e-5)
 
 
+def hand_written_adaptation(prior, learned, adam_steps, lr=1e-3, weight_decay=1.0):
+    """The known answer the engine's adaptation must give: plain inner steps for each
+    (sizes, coords, target) in `learned`, then torch's Adam for each (coords, target) in
+    `adam_steps`. Returns (weights, context losses)."""
+    from MetaShapeReconLib.adaptation import inner_step
+    from MetaShapeReconLib.siren import logits, reconstruction_loss
+
+    expected, losses = dict(prior.params), []
+    for sizes, coords, target in learned:
+        expected, loss = inner_step(prior.model, expected, sizes, coords, target, weight_decay)
+        expected = {k: v.detach() for k, v in expected.items()}
+        losses.append(float(loss.detach()))
+    current = {k: v.clone().requires_grad_(True) for k, v in expected.items()}
+    adam = torch.optim.Adam(current.values(), lr=lr)
+    for coords, target in adam_steps:
+        adam.zero_grad()
+        loss = reconstruction_loss(logits(prior.model, current, coords), target, current, weight_decay)
+        loss.backward()
+        adam.step()
+        losses.append(float(loss.detach()))
+    return {k: v.detach() for k, v in current.items()}, losses
+
+
 def test_adaptation_takes_the_learned_step_sizes_for_the_meta_steps_then_adam():
     """Known answer: `meta_steps` plain inner steps (the first with its own sizes), then the steps
     of torch's Adam from there."""
-    from MetaShapeReconLib.adaptation import adaptation_steps, inner_step, take_steps
-    from MetaShapeReconLib.siren import logits, reconstruction_loss
+    from MetaShapeReconLib.adaptation import adaptation_steps, take_steps
 
     prior = quick_prior(hidden_features=16, extent_mm=64.0)
     rng = np.random.default_rng(0)
@@ -245,22 +267,11 @@ def test_adaptation_takes_the_learned_step_sizes_for_the_meta_steps_then_adam():
     taken, losses = take_steps(adaptation_steps(prior.model, prior.params, prior.inner_lr, coords, target, 1.0,
                                                 2, 1e-3, first), prior.params, 4)
 
-    expected, expected_losses = dict(prior.params), []
-    for sizes in (first, prior.inner_lr):
-        expected, loss = inner_step(prior.model, expected, sizes, coords, target, 1.0)
-        expected = {k: v.detach() for k, v in expected.items()}
-        expected_losses.append(float(loss.detach()))
-    current = {k: v.clone().requires_grad_(True) for k, v in expected.items()}
-    adam = torch.optim.Adam(current.values(), lr=1e-3)
-    for _ in range(2):
-        adam.zero_grad()
-        loss = reconstruction_loss(logits(prior.model, current, coords), target, current, 1.0)
-        loss.backward()
-        adam.step()
-        expected_losses.append(float(loss.detach()))
+    expected, expected_losses = hand_written_adaptation(
+        prior, [(first, coords, target), (prior.inner_lr, coords, target)], [(coords, target)] * 2)
     assert losses == pytest.approx(expected_losses, rel=1e-5)
-    for name, value in current.items():
-        torch.testing.assert_close(taken[name], value.detach())
+    for name, value in expected.items():
+        torch.testing.assert_close(taken[name], value)
     untouched, none = take_steps(adaptation_steps(prior.model, prior.params, prior.inner_lr, coords, target, 1.0,
                                                   2, 1e-3), prior.params, 0)
     assert none == [] and all(untouched[k] is prior.params[k] for k in prior.params)
@@ -269,8 +280,7 @@ def test_adaptation_takes_the_learned_step_sizes_for_the_meta_steps_then_adam():
 def test_fresh_context_fits_a_new_draw_at_every_step_after_the_first():
     """Known answer: with `redraw`, the first step fits the given points and each later step
     (learned sizes, then Adam) the next draw."""
-    from MetaShapeReconLib.adaptation import adaptation_steps, inner_step, take_steps
-    from MetaShapeReconLib.siren import logits, reconstruction_loss
+    from MetaShapeReconLib.adaptation import adaptation_steps, take_steps
 
     prior = quick_prior(hidden_features=16, extent_mm=64.0)
     rng = np.random.default_rng(0)
@@ -281,22 +291,11 @@ def test_fresh_context_fits_a_new_draw_at_every_step_after_the_first():
     later = iter(draws[1:])
     taken, losses = take_steps(adaptation_steps(prior.model, prior.params, prior.inner_lr, *draws[0], 1.0, 2, 1e-3,
                                                 redraw=lambda: next(later)), prior.params, 4)
-    expected, expected_losses = dict(prior.params), []
-    for coords, target in draws[:2]:
-        expected, loss = inner_step(prior.model, expected, prior.inner_lr, coords, target, 1.0)
-        expected = {k: v.detach() for k, v in expected.items()}
-        expected_losses.append(float(loss.detach()))
-    current = {k: v.clone().requires_grad_(True) for k, v in expected.items()}
-    adam = torch.optim.Adam(current.values(), lr=1e-3)
-    for coords, target in draws[2:]:
-        adam.zero_grad()
-        loss = reconstruction_loss(logits(prior.model, current, coords), target, current, 1.0)
-        loss.backward()
-        adam.step()
-        expected_losses.append(float(loss.detach()))
+    expected, expected_losses = hand_written_adaptation(
+        prior, [(prior.inner_lr, *draw) for draw in draws[:2]], draws[2:])
     assert losses == pytest.approx(expected_losses, rel=1e-5)
-    for name, value in current.items():
-        torch.testing.assert_close(taken[name], value.detach())
+    for name, value in expected.items():
+        torch.testing.assert_close(taken[name], value)
 
 
 def test_a_prior_with_fresh_context_draws_afresh_after_the_first_step(small_case):
