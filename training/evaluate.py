@@ -175,7 +175,10 @@ def evaluate_case(shape: Shape, setting: str, methods: Dict[str, object], config
     ev = config["evaluate"]
     full = setting in ev["trajectory_settings"]  # the paper's protocol; elsewhere ours at 1 and default steps
     default_steps = methods["maml"].default_steps if methods.get("maml") is not None else 1
-    record_steps = sorted(set(STEP_SCHEDULE) | set(int(s) for s in ev["steps"])) if full else [1, default_steps]
+    # the default steps are recorded even where the schedule skips them (10, 12, 15...): tables
+    # report ours after them, and an unrecorded step would stand for the recorded one before it
+    record_steps = (sorted(set(STEP_SCHEDULE) | set(int(s) for s in ev["steps"]) | {default_steps}) if full
+                    else [1, default_steps])
     max_steps = int(ev["converge"]["max_steps"]) if full else default_steps
     patience = int(ev["converge"]["patience"])
     rows = []
