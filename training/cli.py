@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     tune = command("tune", "validation Dice for each value of a reconstruction setting (the card's adaptation)")
     tune.add_argument("--prior", required=True, help="prior (.safetensors)")
     tune.add_argument("--setting", required=True, metavar="NAME=V1,V2,...",
-                      help="an adaptation setting and the values to try, e.g. first_step_scale=1,1.4,1.7")
+                      help="an adaptation setting and the values to try, e.g. first_step_scale=1,1.4,1.7 "
+                           "or auto.lr=5e-5,1e-4")
 
     publish = commands.add_parser("publish", help="gather evaluation folders into docs/RESULTS.md "
                                   "(priors published earlier and not given keep their sections)")

@@ -1,10 +1,11 @@
 """`tune`: validation Dice of a prior for each value of one reconstruction setting.
 
 Reconstruction settings (the model card's `adaptation`: steps, context points, the first step's
-scale, ...) are chosen after training, on the validation shapes, never on the test split. For
-each value this reconstructs every validation shape from every input setting of `evaluate`
-(parallel planes, three orthogonal planes, planes in two orientations) and prints Dice and ASD
-after the default steps, Dice after one step, and the time of a reconstruction.
+scale, `auto.lr` (the Adam step of the steps after the meta-learned ones), ...) are chosen after
+training, on the validation shapes, never on the test split. For each value this reconstructs
+every validation shape from every input setting of `evaluate` (parallel planes, three
+orthogonal planes, planes in two orientations) and prints Dice and ASD after the default steps,
+Dice after one step, and the time of a reconstruction.
 """
 
 import copy
@@ -51,13 +52,19 @@ def tune(config: dict, prior_path: str, setting: str, shapes: Sequence,
     plain = copy.deepcopy(config)
     plain["evaluate"]["trajectory_settings"] = []  # ours after 1 and the default steps only
     prior = load_prior(prior_path)
-    if name not in prior.adaptation or name == "auto":
-        raise SystemExit(f"--setting {name!r} is not one of the prior's adaptation settings: "
-                         f"{', '.join(k for k in prior.adaptation if k != 'auto')}")
+    group, _, key = name.partition(".") if name.startswith("auto.") else ("", "", name)
+    known = prior.adaptation["auto"] if group else prior.adaptation
+    if key not in known or key == "auto":
+        names = [k for k in prior.adaptation if k != "auto"] + [f"auto.{k}" for k in prior.adaptation["auto"]]
+        raise SystemExit(f"--setting {name!r} is not one of the prior's adaptation settings: {', '.join(names)}")
     candidates = []  # every value checked before the first (long) evaluation starts
     for value in values:
         card = copy.deepcopy(prior.card)
-        card.setdefault("adaptation", {})[name] = value
+        adaptation = card.setdefault("adaptation", {})
+        if group:  # e.g. auto.lr: the Adam step that steps after the meta-learned ones take
+            adaptation["auto"] = dict(adaptation.get("auto") or {}, **{key: value})
+        else:
+            adaptation[key] = value
         try:
             check_adaptation(card)
         except (TypeError, ValueError) as error:
