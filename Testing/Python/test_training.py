@@ -234,6 +234,14 @@ def test_tune_reports_validation_dice_for_each_value(tmp_path):
         "| first_step_scale | steps | 1 step | sagittal:6 | orthogonal | seconds |", "|---|---|---|---|---|---|"]
     with pytest.raises(SystemExit, match="not one of the prior's adaptation settings: steps, context_points"):
         tune(config, path, "inner_steps=1,2", shapes)
+    # auto.lr: the Adam step of the steps after the meta-learned ones (2 here, of the default 5)
+    slow, fast = tune(config, path, "auto.lr=1e-4,3e-2", shapes)
+    assert slow["dice_1_step"] == fast["dice_1_step"]
+    assert slow["settings"]["sagittal:6"]["dice"] != fast["settings"]["sagittal:6"]["dice"]
+    with pytest.raises(SystemExit, match="'auto.nope' is not one of .*auto.lr, auto.patience"):
+        tune(config, path, "auto.nope=1", shapes)
+    with pytest.raises(SystemExit, match="auto.lr=-1: adaptation.auto.lr = -1 is not a number"):
+        tune(config, path, "auto.lr=-1", shapes)
     with pytest.raises(SystemExit, match="first_step_scale=-1: adaptation.first_step_scale = -1 is not a number"):
         tune(config, path, "first_step_scale=-1", shapes)
     early = []
@@ -244,6 +252,24 @@ def test_tune_reports_validation_dice_for_each_value(tmp_path):
         tune(config, path, "first_step_scale", shapes)
     with pytest.raises(SystemExit, match="validation.slices 'axial:4' is not one of evaluate.settings"):
         tune(dict(config, validation=dict(config["validation"], slices="axial:4")), path, "first_step_scale=1", shapes)
+
+
+def test_the_whole_protocol_records_ours_after_the_default_steps(tmp_path):
+    """Where a setting runs the whole protocol (trajectory, convergence), ours is also recorded
+    after the card's default steps when the step schedule skips them (4 here, between 3 and 5),
+    and that is what the tables report as ours after the default steps."""
+    from training.evaluate import STEP_SCHEDULE, _at_step, evaluate_settings
+
+    config = small_config(**{"maml.iterations": 1, "adaptation.steps": 4, "evaluate.settings": ["sagittal:6"],
+                             "evaluate.trajectory_settings": ["sagittal:6"], "evaluate.converge.max_steps": 6,
+                             "evaluate.steps": [1]})
+    prior = load_prior(train_maml(config, str(tmp_path / "run"), shapes=shapes_from_family(4)))
+    assert prior.default_steps == 4 and 4 not in STEP_SCHEDULE
+    rows = evaluate_settings(shapes_from_family(1, seed=3), ["sagittal:6"], {"maml": prior}, config,
+                             torch.device("cpu"), "protocol")
+    ours = {r["steps"]: r for r in rows if r["method"] == "maml" and r["steps"] > 0}
+    assert {1, 2, 3, 4, 5} <= set(ours)
+    assert _at_step(rows, "maml", "sagittal:6", 4) == [ours[4]["dice"]]
 
 
 def test_a_continued_run_validates_with_its_own_reconstruction_settings(tmp_path):
