@@ -39,7 +39,8 @@ def test_round_trip_gives_identical_predictions(saved):
     loaded = load_prior(stem + ".safetensors")
     coords = torch.rand(2000, 3) * 2 - 1
     assert torch.equal(logits(prior.model, prior.params, coords), logits(loaded.model, loaded.params, coords))
-    assert torch.equal(loaded.model(coords), logits(prior.model, prior.params, coords))
+    # the module's own forward is another code path: equal up to float rounding, not bit for bit
+    torch.testing.assert_close(loaded.model(coords), logits(prior.model, prior.params, coords), rtol=1e-5, atol=1e-6)
     for name in prior.params:
         assert torch.equal(prior.params[name], loaded.params[name])
         assert torch.equal(prior.inner_lr[name], loaded.inner_lr[name])
