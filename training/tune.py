@@ -52,16 +52,17 @@ def tune(config: dict, prior_path: str, setting: str, shapes: Sequence,
     plain = copy.deepcopy(config)
     plain["evaluate"]["trajectory_settings"] = []  # ours after 1 and the default steps only
     prior = load_prior(prior_path)
-    group, _, key = name.partition(".") if name.startswith("auto.") else ("", "", name)
-    known = prior.adaptation["auto"] if group else prior.adaptation
-    if key not in known or key == "auto":
-        names = [k for k in prior.adaptation if k != "auto"] + [f"auto.{k}" for k in prior.adaptation["auto"]]
+    current = prior.adaptation
+    names = [k for k in current if k != "auto"] + [f"auto.{k}" for k in current["auto"]]
+    if name not in names:
         raise SystemExit(f"--setting {name!r} is not one of the prior's adaptation settings: {', '.join(names)}")
+    in_auto = name.startswith("auto.")  # e.g. auto.lr: the Adam step of the steps after the meta-learned ones
+    key = name[len("auto."):] if in_auto else name
     candidates = []  # every value checked before the first (long) evaluation starts
     for value in values:
         card = copy.deepcopy(prior.card)
         adaptation = card.setdefault("adaptation", {})
-        if group:  # e.g. auto.lr: the Adam step that steps after the meta-learned ones take
+        if in_auto:
             adaptation["auto"] = dict(adaptation.get("auto") or {}, **{key: value})
         else:
             adaptation[key] = value
