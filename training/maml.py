@@ -30,9 +30,10 @@ def resolve_device(name: str) -> torch.device:
 def card_adaptation(config: dict) -> dict:
     """Reconstruction settings for the card of a prior this run trains: validation reconstructs as
     the product will (context points and sampling), whatever the card of a `maml.init` prior said;
-    the learned step sizes serve as many steps as the inner loop unrolls."""
+    the learned step sizes serve as many steps as the inner loop unrolls, unless
+    `adaptation.meta_steps` says otherwise (as `export` reads it)."""
     return dict(config["adaptation"], weight_decay=config["loss"]["weight_decay"],
-                meta_steps=int(config["maml"]["inner_steps"]))
+                meta_steps=int(config["adaptation"].get("meta_steps", config["maml"]["inner_steps"])))
 
 
 def new_prior(config: dict) -> Prior:

@@ -181,6 +181,20 @@ def test_export_then_engine_load_predicts_identically(tmp_path):
     assert exported.first_step_scale == 1.5 and exported.adaptation["fresh_context"] is True
 
 
+def test_the_learned_steps_are_those_of_the_run_unless_the_config_sets_them(tmp_path):
+    config = small_config(**{"maml.iterations": 1, "maml.inner_steps": 1, "adaptation.steps": 6})
+    path = train_maml(config, str(tmp_path / "run"), shapes=shapes_from_family(4))
+    from training.export import export_prior
+
+    assert load_prior(export_prior(config, path, "as_run", None, str(tmp_path / "a"))[:-5]
+                      + ".safetensors").meta_steps == 1
+    config["adaptation"]["meta_steps"] = 4
+    assert load_prior(export_prior(config, path, "set", None, str(tmp_path / "b"))[:-5]
+                      + ".safetensors").meta_steps == 4
+    # and the run's own card, which its validation reconstructs with, says the same
+    assert load_prior(train_maml(config, str(tmp_path / "run4"), shapes=shapes_from_family(4))).meta_steps == 4
+
+
 def test_first_step_learns_step_sizes_of_its_own(tmp_path):
     """maml.first_step_lr: the first inner step's sizes start at the shared ones times
     first_step_lr_init and are learned apart from them; the run's prior, a resumed run (whatever
