@@ -149,8 +149,8 @@ def test_outer_step_warms_up_over_a_runs_first_iterations():
     cold.set_outer_lr(0)
     warm.outer_step(batch, first_order=False)
     cold.outer_step(batch, first_order=False)
-    moved_warm = max(float((warm.params[k] - start[k]).abs().max()) for k in start)
-    moved_cold = max(float((cold.params[k] - start[k]).abs().max()) for k in start)
+    moved_warm = max(float((warm.params[k].detach() - start[k]).abs().max()) for k in start)
+    moved_cold = max(float((cold.params[k].detach() - start[k]).abs().max()) for k in start)
     assert moved_cold == pytest.approx(1e-3, rel=0.05)  # Adam's first update: the whole step
     assert moved_warm == pytest.approx(0.25 * moved_cold, rel=0.05)
     assert meta_training_settings(config)["warmup_iterations"] == 4
