@@ -12,7 +12,7 @@ from typing import Optional
 from MetaShapeReconLib.prior import load_prior, save_prior
 
 from .data import load_split
-from .maml import meta_training_settings
+from .maml import card_meta_steps, meta_training_settings
 
 
 def export_prior(config: dict, prior_path: str, name: str, results_dir: Optional[str] = None,
@@ -25,11 +25,9 @@ def export_prior(config: dict, prior_path: str, name: str, results_dir: Optional
     # the run's own settings (recorded by `train`); older priors: those of the config given here
     card["meta_training"] = card.get("training", {}).get("settings") or meta_training_settings(config)
     # reconstruction draws its context the way the prior was meta-trained, whatever this config says;
-    # the steps with learned sizes: those the run unrolled, unless the config sets more (a phase
-    # that trained the first step alone keeps the shared sizes of earlier phases for the next ones)
-    meta_steps = config["adaptation"].get("meta_steps",
-                                          card["meta_training"].get("inner_steps", config["maml"]["inner_steps"]))
-    card["adaptation"].update(steps=int(config["adaptation"]["steps"]), meta_steps=int(meta_steps),
+    # the steps with learned sizes as `train` sets them, from the inner steps the run recorded
+    inner_steps = card["meta_training"].get("inner_steps", config["maml"]["inner_steps"])
+    card["adaptation"].update(steps=int(config["adaptation"]["steps"]), meta_steps=card_meta_steps(config, inner_steps),
                               context_points=int(config["adaptation"]["context_points"]),
                               first_step_scale=float(config["adaptation"]["first_step_scale"]),
                               fresh_context=bool(config["adaptation"].get("fresh_context", False)),

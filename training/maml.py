@@ -27,13 +27,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def card_meta_steps(config: dict, inner_steps: int) -> int:
+    """The card's steps with learned sizes: as many as the run's inner loop unrolled, unless
+    `adaptation.meta_steps` sets them (a phase that trained the first step alone keeps the shared
+    sizes of earlier phases for the next ones)."""
+    return int(config["adaptation"].get("meta_steps", inner_steps))
+
+
 def card_adaptation(config: dict) -> dict:
     """Reconstruction settings for the card of a prior this run trains: validation reconstructs as
-    the product will (context points and sampling), whatever the card of a `maml.init` prior said;
-    the learned step sizes serve as many steps as the inner loop unrolls, unless
-    `adaptation.meta_steps` says otherwise (as `export` reads it)."""
+    the product will (context points and sampling, the steps with learned sizes), whatever the card
+    of a `maml.init` prior said."""
     return dict(config["adaptation"], weight_decay=config["loss"]["weight_decay"],
-                meta_steps=int(config["adaptation"].get("meta_steps", config["maml"]["inner_steps"])))
+                meta_steps=card_meta_steps(config, config["maml"]["inner_steps"]))
 
 
 def new_prior(config: dict) -> Prior:
