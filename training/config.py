@@ -72,9 +72,10 @@ DEFAULTS: Dict[str, Any] = {
     # reconstruction-time settings written into the prior's model card; context_sampling is
     # also how meta-training draws its context (uniform, or balanced: half foreground);
     # first_step_scale lengthens the first inner step, fresh_context gives every later step a new
-    # draw of context points (both chosen after training with `tune`)
+    # draw of context points, later_context_points of them (null: context_points); all chosen
+    # after training with `tune`
     "adaptation": {"steps": 5, "context_points": 8192, "context_sampling": "uniform", "fresh_context": False,
-                   "first_step_scale": 1.0},
+                   "later_context_points": None, "first_step_scale": 1.0},
     "validation": {"every": 250, "cases": 12, "slices": "sagittal:8"},
     "checkpoint": {"every": 100},
     "evaluate": {

@@ -31,6 +31,7 @@ def export_prior(config: dict, prior_path: str, name: str, results_dir: Optional
                               context_points=int(config["adaptation"]["context_points"]),
                               first_step_scale=float(config["adaptation"]["first_step_scale"]),
                               fresh_context=bool(config["adaptation"].get("fresh_context", False)),
+                              later_context_points=config["adaptation"].get("later_context_points"),
                               context_sampling=card["meta_training"].get("context_sampling", "uniform"))
     card["license"] = config.get("license", card.get("license", ""))
     card["attribution"] = config.get("attribution", card.get("attribution", ""))

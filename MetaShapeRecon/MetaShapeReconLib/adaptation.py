@@ -67,26 +67,32 @@ def choose_context(labels: np.ndarray, limit: int, rng=0, sampling: str = "unifo
 @dataclass
 class Context:
     """The context points an adaptation fits: `coords` (canonical, N x 3) and `target` (N) for
-    the first step; `redraw`, when given, draws a fresh set of the same size for every later step."""
+    the first step; `redraw`, when given, draws a fresh set (`later_points` of them, at most) for
+    every later step."""
 
     coords: torch.Tensor
     target: torch.Tensor
     redraw: Optional[Callable[[], Tuple[torch.Tensor, torch.Tensor]]] = None
+    later_points: Optional[int] = None
 
 
 def draw_context(coords: np.ndarray, labels: np.ndarray, limit: int, sampling: str = "uniform", fresh: bool = False,
-                 seed: int = 0, device="cpu") -> Context:
+                 seed: int = 0, device="cpu", later_limit: Optional[int] = None) -> Context:
     """`limit` of the observed voxels as `choose_context` draws them, on `device`. `fresh`: every
-    step after the first fits another draw, so a step costs what `limit` points cost while the
-    steps together see more of the drawing (the first draw is the same either way)."""
+    step after the first fits another draw, so a step costs what its points cost while the steps
+    together see more of the drawing (the first draw is the same either way); `later_limit`
+    points each (default `limit`): the first step, the one meta-training made strongest, keeps
+    its many points while the later ones cost less."""
     rng = np.random.default_rng(seed)
     chosen = choose_context(labels, limit, rng, sampling)
+    later = limit if later_limit is None else int(later_limit)
     redraw = None
-    if fresh and len(chosen) < len(labels):
+    if fresh and (len(chosen) < len(labels) or later < len(chosen)):
         def redraw():
-            pick = choose_context(labels, limit, rng, sampling)
+            pick = choose_context(labels, later, rng, sampling)
             return to_tensors(coords[pick], labels[pick], device)
-    return Context(*to_tensors(coords[chosen], labels[chosen], device), redraw)
+    return Context(*to_tensors(coords[chosen], labels[chosen], device), redraw,
+                   min(later, len(labels)) if redraw is not None else None)
 
 
 def inner_step(model: Siren, params: Mapping[str, torch.Tensor], inner_lr: Mapping[str, torch.Tensor],

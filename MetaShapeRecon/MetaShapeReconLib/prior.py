@@ -37,6 +37,7 @@ DEFAULT_ADAPTATION = {
     "context_sampling": "uniform",
     "first_step_scale": 1.0,
     "fresh_context": False,
+    "later_context_points": None,  # fresh_context only: the points of each step after the first (None: context_points)
     "auto": {"optimizer": "adam", "lr": 1e-4, "patience": 10, "max_steps": 1000},
 }
 
@@ -69,6 +70,11 @@ def check_adaptation(card: Mapping) -> None:
         checks.append(("inner_lr", merged["inner_lr"], float, 0.0))
     if not isinstance(merged["fresh_context"], bool):
         raise ValueError(f"adaptation.fresh_context = {merged['fresh_context']!r} is not true or false")
+    if merged["later_context_points"] is not None:
+        checks.append(("later_context_points", merged["later_context_points"], int, 1))
+        if not merged["fresh_context"]:
+            raise ValueError("adaptation.later_context_points needs fresh_context: true (the later steps' own "
+                             "draws); without it every step fits the first draw")
     if merged["context_sampling"] not in CONTEXT_SAMPLING:
         raise ValueError(f"adaptation.context_sampling = {merged['context_sampling']!r} is not one of "
                          f"{', '.join(CONTEXT_SAMPLING)}")
@@ -131,7 +137,7 @@ class Prior:
         coordinates, labels) as the card says: how many, how, and whether each step draws afresh."""
         settings = self.adaptation
         return draw_context(coords, labels, int(settings["context_points"]), settings["context_sampling"],
-                            bool(settings["fresh_context"]), seed, device)
+                            bool(settings["fresh_context"]), seed, device, settings["later_context_points"])
 
     def adaptation_steps(self, context: Context, meta_steps: Optional[int] = None,
                          adam_lr: Optional[float] = None) -> Iterator[Step]:

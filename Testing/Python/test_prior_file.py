@@ -237,6 +237,9 @@ def test_non_finite_weights(saved):
     (lambda c: c.update(adaptation={"first_step_scale": -1.5}), "first_step_scale = -1.5 is not a number >= 0"),
     (lambda c: c.update(adaptation={"first_step_scale": "long"}), "first_step_scale = 'long' is not a number"),
     (lambda c: c.update(adaptation={"fresh_context": "yes"}), "fresh_context = 'yes' is not true or false"),
+    (lambda c: c.update(adaptation={"later_context_points": 512}), "later_context_points needs fresh_context: true"),
+    (lambda c: c.update(adaptation={"fresh_context": True, "later_context_points": 0}),
+     "later_context_points = 0 is not a whole number >= 1"),
     (lambda c: c.update(adaptation={"meta_steps": -1}), "meta_steps = -1 is not a whole number >= 0"),
     (lambda c: c.update(adaptation={"meta_steps": 2.5}), "meta_steps = 2.5 is not a whole number >= 0"),
 ])

@@ -158,7 +158,7 @@ def test_outer_step_warms_up_over_a_runs_first_iterations():
 
 def test_export_then_engine_load_predicts_identically(tmp_path):
     config = small_config(**{"maml.iterations": 2, "adaptation.first_step_scale": 1.5,
-                             "adaptation.fresh_context": True})
+                             "adaptation.fresh_context": True, "adaptation.later_context_points": 96})
     shapes = shapes_from_family(4)
     path = train_maml(config, str(tmp_path / "run"), shapes=shapes)
     trained = load_prior(path)
@@ -179,6 +179,7 @@ def test_export_then_engine_load_predicts_identically(tmp_path):
     assert written["training"]["method"] == "maml"
     assert written["meta_training"]["outer_lr"] == config["maml"]["outer_lr"]
     assert exported.first_step_scale == 1.5 and exported.adaptation["fresh_context"] is True
+    assert exported.adaptation["later_context_points"] == 96
 
 
 def test_the_learned_steps_are_those_of_the_run_unless_the_config_sets_them(tmp_path):
