@@ -67,13 +67,13 @@ def choose_context(labels: np.ndarray, limit: int, rng=0, sampling: str = "unifo
 @dataclass
 class Context:
     """The context points an adaptation fits: `coords` (canonical, N x 3) and `target` (N) for
-    the first step; `redraw`, when given, draws a fresh set (`later_points` of them, at most) for
-    every later step."""
+    the first step; `redraw`, when given, draws a fresh set for every later step; `later_points`:
+    how many points each later step fits (N without `redraw`)."""
 
     coords: torch.Tensor
     target: torch.Tensor
-    redraw: Optional[Callable[[], Tuple[torch.Tensor, torch.Tensor]]] = None
-    later_points: Optional[int] = None
+    redraw: Optional[Callable[[], Tuple[torch.Tensor, torch.Tensor]]]
+    later_points: int
 
 
 def draw_context(coords: np.ndarray, labels: np.ndarray, limit: int, sampling: str = "uniform", fresh: bool = False,
@@ -92,7 +92,7 @@ def draw_context(coords: np.ndarray, labels: np.ndarray, limit: int, sampling: s
             pick = choose_context(labels, later, rng, sampling)
             return to_tensors(coords[pick], labels[pick], device)
     return Context(*to_tensors(coords[chosen], labels[chosen], device), redraw,
-                   min(later, len(labels)) if redraw is not None else None)
+                   min(later, len(labels)) if redraw is not None else len(chosen))
 
 
 def inner_step(model: Siren, params: Mapping[str, torch.Tensor], inner_lr: Mapping[str, torch.Tensor],

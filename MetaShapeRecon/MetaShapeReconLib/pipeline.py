@@ -204,7 +204,7 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
         "observed_planes": describe_planes(planes, geometry),
         "context_points": {"observed": int(len(coords)), "used": int(len(context.target)),
                            "fresh_each_step": context.redraw is not None,
-                           "used_each_later_step": int(context.later_points or len(context.target))},
+                           "used_each_later_step": int(context.later_points)},
         "frame": {"centre_lps_mm": list(frame.centre), "extent_mm": list(prior.frame_spec.extent_mm)},
         "loss": losses,
         "dice_observed_planes": drawn_dice,
