@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from MetaShapeReconLib.adaptation import choose_context, draw_context
 
 LABELS = np.array([1.0] * 30 + [0.0] * 970)
@@ -52,3 +53,23 @@ def test_draw_context_redraws_only_when_fresh_and_there_is_more_to_see():
         seen.add(tuple(map(tuple, x.numpy())))
     assert len(seen) == 4  # every draw another set of voxels
     assert draw_context(coords, LABELS, 5000, fresh=True).redraw is None  # every voxel already in
+
+
+def test_later_steps_draw_their_own_number_of_context_points():
+    """`later_limit`: the first draw is the one without it; every later draw has that many points,
+    balanced as the first, and differs from the one before."""
+    rng = np.random.default_rng(1)
+    coords = rng.uniform(-1, 1, (5000, 3))
+    labels = (np.linalg.norm(coords, axis=1) < 0.4).astype(np.float32)
+    plain = draw_context(coords, labels, 1024, "balanced", fresh=True, seed=3)
+    cheaper = draw_context(coords, labels, 1024, "balanced", fresh=True, seed=3, later_limit=256)
+    assert torch.equal(plain.coords, cheaper.coords) and torch.equal(plain.target, cheaper.target)
+    assert plain.later_points == 1024 and cheaper.later_points == 256
+    draws = [cheaper.redraw() for _ in range(2)]
+    for x, y in draws:
+        assert x.shape == (256, 3) and float(y.sum()) == 128
+    assert not torch.equal(draws[0][0], draws[1][0])
+    assert len(plain.redraw()[1]) == 1024
+    every_point = draw_context(coords[:200], labels[:200], 1024, "uniform", fresh=True, later_limit=64)
+    assert len(every_point.target) == 200 and len(every_point.redraw()[1]) == 64  # all drawn, later fewer
+    assert draw_context(coords[:200], labels[:200], 1024, "uniform", fresh=True).redraw is None
