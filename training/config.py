@@ -15,6 +15,8 @@ DEFAULTS: Dict[str, Any] = {
     "anatomy": "",
     "seed": 0,
     "device": "auto",
+    "precision": "auto",             # network arithmetic at evaluation (`reconstruct`'s): auto,
+                                     # float32 or bfloat16; training itself is float32
     "threads": 0,                    # CPU threads for torch (0: torch's default); 1 is most efficient
                                      # for these small matrices on a busy 2-core machine
     "data": {

@@ -26,7 +26,7 @@ from MetaShapeReconLib.adaptation import choose_context, steps_until_converged, 
 from MetaShapeReconLib.baselines import fill_between_slices, signed_distance_interpolation
 from MetaShapeReconLib.frame import FrameSpec, centre_frame
 from MetaShapeReconLib.occupancy import OccupancyNetwork, evaluate_grid
-from MetaShapeReconLib.pipeline import dice, observed_context
+from MetaShapeReconLib.pipeline import PRECISIONS, dice, observed_context, resolve_precision
 from MetaShapeReconLib.planes import ObservedPlanes, finish_on_drawing, planes_from_rules
 from MetaShapeReconLib.prior import Prior, load_prior
 from scipy import ndimage
@@ -105,6 +105,14 @@ class Trajectory:
         self.rows.append(dict(metrics(output, self.truth, self.spacing), steps=step, seconds=seconds))
 
 
+def evaluation_precision(config: dict, device) -> torch.dtype:
+    """The config's `precision` as `reconstruct` resolves it, so results measure what users get."""
+    value = str(config["precision"]).lower()
+    if value != "auto" and value not in PRECISIONS:
+        raise SystemExit(f"precision {value!r}: expected auto, {' or '.join(PRECISIONS)}")
+    return resolve_precision(value, device)
+
+
 def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_steps: int, adam_lr: float,
                      record: Trajectory, max_steps: int, patience: int, frame, geometry, device,
                      converge: bool = True) -> dict:
@@ -115,7 +123,8 @@ def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_
     prior = prior.to(device)
     model = prior.model
     context = prior.context(coords, target, 0, device)
-    record.evaluate = lambda params: evaluate_grid(OccupancyNetwork(params, model.omega_0, device), frame, geometry)
+    record.evaluate = lambda params: evaluate_grid(OccupancyNetwork(params, model.omega_0, device,
+                                                                    precision=prior.precision), frame, geometry)
     if 0 in record.record_steps:
         record.snapshot(0, prior.params)  # the initialisation itself, before any step
     steps = prior.adaptation_steps(context, meta_steps, adam_lr)
@@ -228,13 +237,14 @@ def run_evaluation(config: dict, args) -> None:
     for row in earlier_transfer:
         row.setdefault("setting", "sagittal:8")  # the transfer table's only input (older files omit it)
     device = resolve_device(config["device"])
+    precision = evaluation_precision(config, device)
     os.makedirs(args.out, exist_ok=True)
     methods: Dict[str, object] = {}
     wanted = config["evaluate"]["methods"]
     if args.prior and "maml" in wanted:
-        methods["maml"] = load_prior(args.prior)
+        methods["maml"] = load_prior(args.prior).to(device, precision)
     if args.pretrain and "pretrain" in wanted:
-        methods["pretrain"] = load_prior(args.pretrain)
+        methods["pretrain"] = load_prior(args.pretrain).to(device, precision)
     if args.autodecoder and "autodecoder" in wanted:
         methods["autodecoder"] = load_autodecoder(args.autodecoder, device)
     for name in ("fill_between_slices", "sdf_interpolation"):
@@ -424,10 +434,13 @@ def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config:
         values = [r["seconds"] for r in rows if r["method"] == method and r["steps"] in ((default_steps,) if method == "maml" else (0,))]
         if values:
             times[method] = float(np.median(values))
+    precision = str(methods["maml"].precision).replace("torch.", "") if "maml" in methods else None
     if times:
-        lines += ["Median seconds per reconstruction on this machine (CPU, canonical crop): " + ", ".join(
+        arithmetic = f", network in {precision}" if precision else ""
+        lines += [f"Median seconds per reconstruction on this machine (CPU, canonical crop{arithmetic}): " + ", ".join(
             f"{NAMES[m] if m != 'maml' else f'Ours ({default_steps} steps)'} {t:.2f} s" for m, t in times.items()), ""]
     summary["median_seconds"] = times
+    summary["precision"] = precision
 
     for setting in [s for s in settings if s in config["evaluate"]["trajectory_settings"]]:
         lines += [f"## Table 2 — Dice, {setting}", "",

@@ -281,7 +281,8 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
         every = int(config["validation"]["every"])
         if val_shapes and every and (done % every == 0 or done == iterations):
             results = validate(learner.prior(), val_shapes, config["validation"]["slices"],
-                               [1, int(config["adaptation"]["steps"])], seed=int(config["seed"]))
+                               [1, int(config["adaptation"]["steps"])], seed=int(config["seed"]),
+                               precision=str(config["precision"]))
             for row in results:
                 val_log.write(iteration=done, seconds=time.perf_counter() - started, **row)
             one_step = np.mean([r["dice"] for r in results if r["steps"] == 1])

@@ -73,7 +73,8 @@ def train_pretrain(config: dict, out_dir: str, resume: bool = False, shapes=None
         if rank == 0 and val_shapes and every and (done % every == 0 or done == iterations):
             # the initialisation itself (0 steps): what pre-training learns is a mean shape
             prior.params = {k: v.detach().clone() for k, v in params.items()}
-            rows = validate(prior, val_shapes, config["validation"]["slices"], [0], seed=int(config["seed"]))
+            rows = validate(prior, val_shapes, config["validation"]["slices"], [0], seed=int(config["seed"]),
+                            precision=str(config["precision"]))
             for row in rows:
                 val_log.write(iteration=done, seconds=time.perf_counter() - started, **row)
             bar.write(f"iteration {done}: validation Dice at 0 steps {np.mean([r['dice'] for r in rows]):.3f}")

@@ -16,7 +16,7 @@ from MetaShapeReconLib.prior import check_adaptation, load_prior
 
 from .config import parse_value
 from .data import load_shapes, load_split
-from .evaluate import evaluate_settings
+from .evaluate import evaluate_settings, evaluation_precision
 from .maml import resolve_device
 
 
@@ -51,7 +51,8 @@ def tune(config: dict, prior_path: str, setting: str, shapes: Sequence,
                          f"{settings}: the Dice after one step is measured there")
     plain = copy.deepcopy(config)
     plain["evaluate"]["trajectory_settings"] = []  # ours after 1 and the default steps only
-    prior = load_prior(prior_path)
+    device = resolve_device(config["device"])
+    prior = load_prior(prior_path).to(device, evaluation_precision(config, device))
     current = prior.adaptation
     names = [k for k in current if k != "auto"] + [f"auto.{k}" for k in current["auto"]]
     if name not in names:
@@ -71,7 +72,6 @@ def tune(config: dict, prior_path: str, setting: str, shapes: Sequence,
         except (TypeError, ValueError) as error:
             raise SystemExit(f"--setting {name}={value!r}: {error}") from None
         candidates.append((value, prior.with_card(card)))
-    device = resolve_device(config["device"])
     rows = []
     for value, candidate in candidates:
         results = evaluate_settings(shapes, settings, {"maml": candidate}, plain, device, f"{name}={value}")

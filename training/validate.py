@@ -12,9 +12,9 @@ def sparse_input(mask: np.ndarray, planes) -> np.ndarray:
     return keep_drawn_planes(np.zeros(mask.shape, dtype=np.uint8), mask, planes)
 
 
-def validate(prior, shapes, slices: str, steps: Sequence[int], seed: int = 0) -> List[dict]:
+def validate(prior, shapes, slices: str, steps: Sequence[int], seed: int = 0, precision: str = "auto") -> List[dict]:
     """Dice against the whole shape after each number of steps, planes `slices` (AXIS:STEP) at a
-    seeded offset per shape."""
+    seeded offset per shape, reconstructed in `precision` (`reconstruct`'s)."""
     rng = np.random.default_rng(seed)
     (axis, step, _), = parse_slices(slices if slices.count(":") == 2 else slices + ":0")
     rows = []
@@ -26,6 +26,6 @@ def validate(prior, shapes, slices: str, steps: Sequence[int], seed: int = 0) ->
             continue
         for count in steps:
             result = reconstruct(sparse, shape.geometry, prior, steps=count, slices=rule, device=str(
-                next(iter(prior.params.values())).device.type))
+                next(iter(prior.params.values())).device.type), precision=precision)
             rows.append({"setting": rule, "steps": count, "dice": dice(result.labels, shape.mask)})
     return rows

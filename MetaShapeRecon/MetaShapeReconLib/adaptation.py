@@ -97,11 +97,12 @@ def draw_context(coords: np.ndarray, labels: np.ndarray, limit: int, sampling: s
 
 def inner_step(model: Siren, params: Mapping[str, torch.Tensor], inner_lr: Mapping[str, torch.Tensor],
                coords: torch.Tensor, target: torch.Tensor, weight_decay: float,
-               first_order: bool = False) -> Tuple[Params, torch.Tensor]:
-    """One gradient step on the context points: theta - alpha * grad L(theta)."""
+               first_order: bool = False, precision: torch.dtype = torch.float32) -> Tuple[Params, torch.Tensor]:
+    """One gradient step on the context points: theta - alpha * grad L(theta). `precision`: that
+    of the network's later layers (`Siren.forward`); weights and gradients stay float32."""
 
     def loss_of(p):
-        return reconstruction_loss(logits(model, p, coords), target, p, weight_decay)
+        return reconstruction_loss(logits(model, p, coords, precision), target, p, weight_decay)
 
     grads, loss = torch.func.grad_and_value(loss_of)(dict(params))
     if first_order:
@@ -121,20 +122,21 @@ def warm_up() -> None:
 def adaptation_steps(model: Siren, params: Mapping[str, torch.Tensor], inner_lr: Mapping[str, torch.Tensor],
                      coords: torch.Tensor, target: torch.Tensor, weight_decay: float, meta_steps: int,
                      adam_lr: float, first_lr: Optional[Mapping[str, torch.Tensor]] = None,
-                     redraw: Optional[Callable[[], Tuple[torch.Tensor, torch.Tensor]]] = None) -> Iterator[Step]:
+                     redraw: Optional[Callable[[], Tuple[torch.Tensor, torch.Tensor]]] = None,
+                     precision: torch.dtype = torch.float32) -> Iterator[Step]:
     """The adaptation, one step at a time and without end: `meta_steps` steps of the inner loop
     with the meta-learned step sizes (`first_lr` for the first one when given:
     `Prior.first_step_sizes`), then Adam at `adam_lr`. The sizes were learned for the steps
     meta-training unrolled; repeated beyond them they overshoot, so later steps go to Adam.
     The first step fits `coords`, `target`; later ones fit `redraw()` when given (`Context`).
-    Yields the weights after each step and the context loss before it."""
+    `precision`: see `inner_step`. Yields the weights after each step and the context loss before it."""
     def context(step: int) -> Tuple[torch.Tensor, torch.Tensor]:
         return (coords, target) if step == 0 or redraw is None else redraw()
 
     params = {k: v.detach() for k, v in params.items()}
     for step in range(meta_steps):
         sizes = first_lr if step == 0 and first_lr is not None else inner_lr
-        params, loss = inner_step(model, params, sizes, *context(step), weight_decay)
+        params, loss = inner_step(model, params, sizes, *context(step), weight_decay, precision=precision)
         params = {k: v.detach() for k, v in params.items()}
         yield params, float(loss.detach())
     current = {k: v.clone().requires_grad_(True) for k, v in params.items()}
@@ -143,7 +145,7 @@ def adaptation_steps(model: Siren, params: Mapping[str, torch.Tensor], inner_lr:
         x, y = context(step)
         optimiser.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            loss = reconstruction_loss(logits(model, current, x), y, current, weight_decay)
+            loss = reconstruction_loss(logits(model, current, x, precision), y, current, weight_decay)
             loss.backward()
         optimiser.step()
         # copies: the optimiser updates `current` in place at the next step

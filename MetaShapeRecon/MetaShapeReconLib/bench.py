@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from functools import partial
+from itertools import product
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
@@ -208,7 +209,10 @@ def machine_description() -> str:
     load = ""
     if hasattr(os, "getloadavg"):
         load = f", load average {os.getloadavg()[0]:.1f}"
-    return (f"{cpu}, {os.cpu_count()} logical CPUs{memory}{load}; Python {platform.python_version()}, "
+    from .pipeline import native_bfloat16
+
+    bfloat16 = "native bfloat16" if native_bfloat16() else "no native bfloat16"
+    return (f"{cpu}, {os.cpu_count()} logical CPUs ({bfloat16}){memory}{load}; Python {platform.python_version()}, "
             f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
@@ -221,24 +225,30 @@ def _table(header: List[str], rows: List[List[str]]) -> str:
 # --- sections ---------------------------------------------------------------------------------
 
 def compare_methods(truth, geometry, prior, trained: bool, settings, repeats: int, device: str = "cpu"):
-    """Rows of the main table: ours (1 step, default steps), Fill between slices, SDF interpolation."""
-    from .baselines import fill_between_slices, signed_distance_interpolation
-    from .pipeline import dice, reconstruct
+    """Rows of the main table: ours (1 step, default steps; in float32 too where the default
+    precision is another), Fill between slices, SDF interpolation."""
+    import torch
 
+    from .baselines import fill_between_slices, signed_distance_interpolation
+    from .pipeline import dice, reconstruct, resolve_precision
+
+    precisions = ["auto"] + (["float32"] if resolve_precision("auto", torch.device(device)) != torch.float32 else [])
     rows, networks = [], {}
     for axis_name, step in settings:
         sparse, planes, spec = sparse_input(truth, geometry, axis_name, step)
         step_counts = [1] + ([prior.default_steps] if prior.default_steps != 1 else [])
-        for steps in step_counts:
-            call = partial(reconstruct, sparse, geometry, prior, steps=steps, slices=spec, device=device)
+        for steps, precision in product(step_counts, precisions):
+            call = partial(reconstruct, sparse, geometry, prior, steps=steps, slices=spec, device=device,
+                           precision=precision)
             first, median, result = _timed(call, repeats)
             timings = result.report["timings_s"]
-            rows.append([f"ours, {steps} step{'s' if steps != 1 else ''}", spec, f"{median:.3f}", f"{first:.3f}",
-                         f"{timings['adapt']:.3f} + {timings['evaluate']:.3f}",
+            rows.append([f"ours, {steps} step{'s' if steps != 1 else ''}, {result.report['precision']}", spec,
+                         f"{median:.3f}", f"{first:.3f}", f"{timings['adapt']:.3f} + {timings['evaluate']:.3f}",
                          _fmt_dice(dice(result.labels, truth), trained),
                          f"{result.report['evaluation']['network_evaluations']:,}"])
-            networks[(spec, steps)] = result
-            print(f"  measured ours {steps} step(s) on {spec}", flush=True)
+            if precision == "auto":
+                networks[(spec, steps)] = result
+            print(f"  measured ours {steps} step(s) in {result.report['precision']} on {spec}", flush=True)
         for name, method in (("Fill between slices", fill_between_slices),
                              ("signed-distance interpolation", signed_distance_interpolation)):
             first, median, output = _timed(partial(method, sparse, planes, geometry), repeats)

@@ -2,6 +2,7 @@
 
     metashaperecon reconstruct INPUT OUTPUT [--prior NAME|PATH] [--steps N|auto]
         [--slices auto | AXIS:STEP[:OFFSET]] [--label N] [--device auto|cpu|cuda]
+        [--precision auto|float32|bfloat16]
         [--surface MESH] [--report REPORT.json] [--output-spacing MM] ...
     metashaperecon demo [--output-dir DIR]
     metashaperecon priors
@@ -81,6 +82,9 @@ def add_reconstruction_options(parser: argparse.ArgumentParser) -> None:
                              "AXIS one of sagittal, coronal, axial, i, j, k; comma-separate several")
     parser.add_argument("--label", type=int, default=None, help="label value of the structure (default: all non-zero)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="network arithmetic: auto (bfloat16 on CPUs with native bfloat16, else float32), "
+                             "float32 or bfloat16")
     parser.add_argument("--output-spacing", type=float, default=None, metavar="MM",
                         help="write the output on a grid this fine over the input's extent")
     parser.add_argument("--evaluation", choices=("coarse-to-fine", "dense"), default="coarse-to-fine",
@@ -89,7 +93,7 @@ def add_reconstruction_options(parser: argparse.ArgumentParser) -> None:
 
 def run_reconstruct(args) -> dict:
     from .labelmap_io import LABELMAP_SUFFIXES, atomic_output, check_writable, read_labelmap, write_labelmap
-    from .pipeline import reconstruct, resolve_device
+    from .pipeline import check_precision, reconstruct, resolve_device
     from .prior import load_prior
     from .surface import SURFACE_SUFFIXES, surface_from_labelmap, write_surface
 
@@ -103,13 +107,14 @@ def run_reconstruct(args) -> dict:
 
     started = time.perf_counter()
     resolve_device(args.device)  # fail before any work when the device is not there
+    check_precision(args.precision)
     prior = load_prior(args.prior)  # first: says so when no prior is available at all
     labels, geometry = read_labelmap(args.input)
     loaded = time.perf_counter()
     output_geometry = geometry.resampled(args.output_spacing) if args.output_spacing else None
     result = reconstruct(labels, geometry, prior, steps=args.steps, slices=args.slices, label=args.label,
                          device=args.device, output_geometry=output_geometry, evaluation=args.evaluation,
-                         progress=ProgressLine(not args.quiet))
+                         progress=ProgressLine(not args.quiet), precision=args.precision)
     surface_started = time.perf_counter()
     polydata = surface_from_labelmap(result.labels, result.geometry, args.smoothing) if args.surface else None
     surfaced = time.perf_counter()
@@ -133,7 +138,7 @@ def run_reconstruct(args) -> dict:
 def summary(report: dict) -> str:
     planes = ", ".join(f"{p['count']} {p['axis']}" for p in report["observed_planes"])
     t = report["timings_s"]
-    return (f"{report['prior']} prior, {report['steps']} step(s) on {report['device']}; observed planes: {planes}; "
+    return (f"{report['prior']} prior, {report['steps']} step(s) on {report['device']}, {report['precision']}; observed planes: {planes}; "
             f"Dice on drawn planes {report['dice_observed_planes']:.3f}; "
             f"adapt {t['adapt']:.3f} s, evaluate {t['evaluate']:.3f} s, total {t.get('total', 0):.2f} s")
 

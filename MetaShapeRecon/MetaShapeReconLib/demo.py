@@ -63,7 +63,8 @@ def run_demo(prior_name: str = "kidney", output_dir: str = "demo-output", device
     drawn_planes = ", ".join("{} {}".format(p["count"], p["axis"]) for p in result.report["observed_planes"])
     lines = [f"sample: {folder} ({geometry.size[0]}x{geometry.size[1]}x{geometry.size[2]} voxels, "
              f"{drawn_planes} planes drawn)",
-             f"MetaShapeRecon ({prior.name} prior, {result.report['steps']} steps, {result.report['device']}): "
+             f"MetaShapeRecon ({prior.name} prior, {result.report['steps']} steps, {result.report['device']}, "
+             f"{result.report['precision']}): "
              f"Dice {ours:.3f} in {seconds:.2f} s"]
     fill = _fill_between_slices(sparse > 0, planes, geometry)
     if fill is not None:

@@ -34,18 +34,22 @@ class OccupancyNetwork:
     """Occupancy probabilities of an adapted SIREN at canonical points, without autograd.
 
     The sine layers' omega_0 is folded into the weights once, so each layer is one addmm and
-    one in-place sine. Points outside [-1, 1]^3 are background and never evaluated."""
+    one in-place sine. Points outside [-1, 1]^3 are background and never evaluated.
+    `precision`: the dtype of the layers after the first, as in `Siren.forward`."""
 
     def __init__(self, params: Mapping[str, torch.Tensor], omega_0: float, device="cpu",
-                 chunk: Optional[int] = None):
+                 chunk: Optional[int] = None, precision: torch.dtype = torch.float32):
         names = sorted({k.rsplit(".", 1)[0] for k in params}, key=lambda n: int(n.split(".")[-1]))
         self.layers = []
         for index, name in enumerate(names):
             scale = 1.0 if index == len(names) - 1 else omega_0
-            weight = (params[name + ".weight"].detach() * scale).to(device, torch.float32)
-            bias = (params[name + ".bias"].detach() * scale).to(device, torch.float32)
+            dtype = torch.float32 if index == 0 else precision
+            # scaled in float32, then rounded once: the products Siren.forward computes
+            weight = (params[name + ".weight"].detach().float() * scale).to(device, dtype)
+            bias = (params[name + ".bias"].detach().float() * scale).to(device, dtype)
             self.layers.append((weight.t().contiguous(), bias))
         self.device = torch.device(device)
+        self.precision = precision
         if chunk is None:
             chunk = CPU_CHUNK if self.device.type == "cpu" else DEVICE_CHUNK
         self.chunk = int(chunk)
@@ -53,11 +57,12 @@ class OccupancyNetwork:
 
     @torch.no_grad()
     def logits(self, coords: torch.Tensor) -> torch.Tensor:
-        h = coords
-        for weight_t, bias in self.layers[:-1]:
+        weight_t, bias = self.layers[0]
+        h = torch.addmm(bias, coords, weight_t).sin_().to(self.precision)
+        for weight_t, bias in self.layers[1:-1]:
             h = torch.addmm(bias, h, weight_t).sin_()
         weight_t, bias = self.layers[-1]
-        return torch.addmm(bias, h, weight_t).squeeze(-1)
+        return torch.addmm(bias, h, weight_t).float().squeeze(-1)
 
     @torch.no_grad()
     def probabilities(self, canonical: np.ndarray) -> np.ndarray:

@@ -91,7 +91,8 @@ def check_adaptation(card: Mapping) -> None:
 class Prior:
     """A shape prior: the network's initial weights, its inner-loop step sizes and its model card.
     `first_step_lr`: the first inner step's own step sizes, if meta-training learned them (None:
-    the first step takes `inner_lr` like the others)."""
+    the first step takes `inner_lr` like the others). `precision`: the dtype its adaptation
+    computes the network's later layers in (`Siren.forward`; set by `to`)."""
 
     model: Siren
     params: Dict[str, torch.Tensor]
@@ -99,6 +100,7 @@ class Prior:
     card: dict
     path: Optional[str] = field(default=None)
     first_step_lr: Optional[Dict[str, torch.Tensor]] = field(default=None)
+    precision: torch.dtype = field(default=torch.float32)
 
     @property
     def name(self) -> str:
@@ -148,16 +150,18 @@ class Prior:
         return adaptation_steps(self.model, self.params, self.inner_lr, context.coords, context.target,
                                 float(settings["weight_decay"]), self.meta_steps if meta_steps is None else meta_steps,
                                 float(settings["auto"]["lr"]) if adam_lr is None else adam_lr,
-                                self.first_step_sizes(), context.redraw)
+                                self.first_step_sizes(), context.redraw, self.precision)
 
     def with_card(self, card: dict) -> "Prior":
         """The same tensors under another model card (e.g. other adaptation settings)."""
-        return Prior(self.model, self.params, self.inner_lr, card, self.path, self.first_step_lr)
+        return Prior(self.model, self.params, self.inner_lr, card, self.path, self.first_step_lr, self.precision)
 
-    def to(self, device) -> "Prior":
+    def to(self, device, precision: Optional[torch.dtype] = None) -> "Prior":
+        """This prior on `device`, adapting in `precision` (default: unchanged)."""
         first = None if self.first_step_lr is None else {k: v.to(device) for k, v in self.first_step_lr.items()}
         return Prior(self.model.to(device), {k: v.to(device) for k, v in self.params.items()},
-                     {k: v.to(device) for k, v in self.inner_lr.items()}, self.card, self.path, first)
+                     {k: v.to(device) for k, v in self.inner_lr.items()}, self.card, self.path, first,
+                     self.precision if precision is None else precision)
 
 
 def initial_prior(name: str, extent_mm, omega_0: float = 30.0, hidden_features: int = 128,

@@ -15,17 +15,22 @@ def test_bench_short_prints_the_tables(tmp_path):
                           text=True, env=env, cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    for row in ("| ours, 1 step |", "| Fill between slices |", "| signed-distance interpolation |",
-                "| coarse-to-fine |", "| dense |", "| 256 x 256 x 300 |"):
-        assert row in out, f"missing row {row!r} in:\n{out}"
+    from MetaShapeReconLib.pipeline import native_bfloat16
     from MetaShapeReconLib.prior import load_prior
-    default = f"| ours, {load_prior('kidney').default_steps} steps |"  # the bundled prior's default
-    assert default in out
+
+    # the default precision, and float32 beside it where the default is bfloat16
+    precisions = ["bfloat16", "float32"] if native_bfloat16() else ["float32"]
+    for row in [f"| ours, 1 step, {p} |" for p in precisions] + [
+            "| Fill between slices |", "| signed-distance interpolation |", "| coarse-to-fine |", "| dense |",
+            "| 256 x 256 x 300 |"]:
+        assert row in out, f"missing row {row!r} in:\n{out}"
     assert "failed" not in out
     # the bundled kidney prior on the bundled sample: real Dice values, not an untrained stand-in
     assert "prior: kidney" in out and "untrained SIREN" not in out
-    ours = [line for line in out.splitlines() if line.startswith(default)]
-    assert ours and all(0.8 < float(line.split("|")[6]) <= 1.0 for line in ours), ours
+    for precision in precisions:
+        default = f"| ours, {load_prior('kidney').default_steps} steps, {precision} |"  # the prior's default
+        ours = [line for line in out.splitlines() if line.startswith(default)]
+        assert ours and all(0.8 < float(line.split("|")[6]) <= 1.0 for line in ours), (default, out)
 
 
 def test_bench_rejects_a_missing_prior_in_full_mode(tmp_path):

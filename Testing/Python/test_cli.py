@@ -96,7 +96,8 @@ def test_output_spacing_gives_a_finer_grid_over_the_same_extent(sphere_input, tm
     write_labelmap(str(source), labels, geometry)
     out, report_path = tmp_path / "fine.mha", tmp_path / "report.json"
     code = cli.main(["reconstruct", str(source), str(out), "--prior", fitted_sphere_prior(), "--slices", "i:1",
-                     "--output-spacing", "0.9", "--device", "cpu", "--report", str(report_path), "--quiet"])
+                     "--output-spacing", "0.9", "--device", "cpu", "--precision", "float32", "--report",
+                     str(report_path), "--quiet"])
     assert code == 0
     fine, fine_geometry = read_labelmap(str(out))
     assert fine_geometry.spacing == (0.9, 0.9, 0.9)
@@ -114,6 +115,7 @@ def test_output_spacing_gives_a_finer_grid_over_the_same_extent(sphere_input, tm
     assert np.linalg.norm(found_centre - centre) < 0.3
     report = json.loads(report_path.read_text())
     assert report["output"]["size"] == list(fine_geometry.size) and report["output"]["spacing"] == [0.9] * 3
+    assert report["precision"] == "float32"
 
 
 # --- observed planes, as the report shows them -------------------------------------------------------------------
@@ -366,14 +368,16 @@ def test_help_lists_the_contracts_options(capsys):
         cli.main(["reconstruct", "--help"])
     assert stop.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--prior", "--steps", "--slices", "--label", "--device", "--surface", "--report",
+    for option in ("--prior", "--steps", "--slices", "--label", "--device", "--precision", "--surface", "--report",
                    "--output-spacing", "INPUT", "OUTPUT"):
         assert option in text or option.lower() in text, option
 
 
-def test_usage_errors_are_one_line_with_status_2(capsys):
+@pytest.mark.parametrize("argv", [["reconstruct", "only-input.nii.gz"],
+                                  ["reconstruct", "in.nii.gz", "out.nii.gz", "--precision", "half"]])
+def test_usage_errors_are_one_line_with_status_2(argv, capsys):
     with pytest.raises(SystemExit) as stop:
-        cli.main(["reconstruct", "only-input.nii.gz"])
+        cli.main(argv)
     assert stop.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
 

@@ -10,6 +10,7 @@ from MetaShapeReconLib.geometry import Geometry
 from MetaShapeReconLib.occupancy import OccupancyNetwork, evaluate_grid
 from MetaShapeReconLib.pipeline import dice
 from MetaShapeReconLib.prior import initial_prior
+from MetaShapeReconLib.siren import logits
 from shapes import ellipsoid
 
 GRID = Geometry.create((128, 128, 128), (1.0, 1.0, 1.0), (-63.5, -63.5, -63.5))
@@ -125,6 +126,21 @@ def test_evaluation_is_the_same_with_one_or_two_threads(fitted):
     finally:
         torch.set_num_threads(threads)
     assert np.array_equal(single, pooled)
+
+
+def test_bfloat16_evaluation_is_the_adaptations_network_and_keeps_the_shape(fitted):
+    params, truth = fitted
+    single = OccupancyNetwork(params, OMEGA)
+    half = OccupancyNetwork(params, OMEGA, precision=torch.bfloat16)
+    points = torch.as_tensor(np.random.default_rng(1).uniform(-1, 1, (4096, 3)), dtype=torch.float32)
+    model = initial_prior("ellipsoid", 128.0, omega_0=OMEGA, hidden_features=32, linear_layers=3).model
+    # the same products as the forward pass adaptation differentiates (`Siren.forward`)
+    torch.testing.assert_close(half.logits(points), logits(model, params, points, torch.bfloat16).detach(),
+                               rtol=0, atol=1e-2)
+    assert (half.logits(points) - single.logits(points)).abs().max() < 0.1
+    dense = evaluate_grid(half, FRAME, GRID, method="dense")
+    assert np.array_equal(evaluate_grid(half, FRAME, GRID), dense)  # coarse-to-fine is exact here too
+    assert dice(dense, evaluate_grid(single, FRAME, GRID, method="dense")) > 0.995
 
 
 def test_cancel_between_blocks(fitted):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from MetaShapeReconLib.frame import CanonicalFrame, FrameSpec, centre_frame
 from MetaShapeReconLib.geometry import Geometry
-from MetaShapeReconLib.pipeline import observed_context
+from MetaShapeReconLib.pipeline import native_bfloat16, observed_context
 from MetaShapeReconLib.prior import load_prior
 from MetaShapeReconLib.siren import logits, reconstruction_loss
 
@@ -341,9 +341,10 @@ def test_smoke_run_every_method_on_real_kidneys(data_dir, tmp_path):
         "--pretrain", str(tmp_path / "pretrain" / "checkpoint.safetensors"),
         "--autodecoder", str(tmp_path / "autodecoder" / "checkpoint.safetensors"),
         "--set", 'evaluate.settings=["sagittal:16", "orthogonal"]', "--set", "evaluate.converge.max_steps=3",
-        "--set", 'evaluate.trajectory_settings=["sagittal:16"]',
+        "--set", 'evaluate.trajectory_settings=["sagittal:16"]', "--set", "precision=float32",
         "--out", str(out))
     table = (out / "results.md").read_text()
+    assert "network in float32" in table
     for name in ("Ours (meta-learned)", "B.(ii) pre-trained", "B.(i) auto-decoder", "Fill between slices",
                  "Signed-distance interpolation", "Table 1", "Table 2", "Table 5", "Table 6"):
         assert name in table
@@ -351,6 +352,7 @@ def test_smoke_run_every_method_on_real_kidneys(data_dir, tmp_path):
     assert len(rows) > 10
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["settings"]) == {"sagittal:16", "orthogonal"}
+    assert summary["precision"] == "float32"
     assert (out / "dice_time.png").stat().st_size > 1000
     card = run("export", "--prior", str(tmp_path / "maml" / "checkpoint.safetensors"), "--name", "smoke",
                "--results", str(out), "--out", str(tmp_path / "priors")).strip()
@@ -368,6 +370,8 @@ def test_smoke_run_every_method_on_real_kidneys(data_dir, tmp_path):
     run(*evaluate_prior_only, "--out", str(again))
     table = (again / "results.md").read_text()
     assert "B.(ii) pre-trained" in table and "B.(i) auto-decoder" in table and "carried over" in table
+    auto = "bfloat16" if native_bfloat16() else "float32"  # the default: as `reconstruct` resolves it
+    assert json.loads((again / "summary.json").read_text())["precision"] == auto
     assert "--reuse" in table  # the command that reproduces it, and the one that measured the baselines
     assert "That evaluation: `python -m training evaluate" in table and "--pretrain" in table
 
