@@ -415,9 +415,9 @@ def test_replace_keeps_every_other_segment_and_can_be_undone(scene, quick_prior,
     right_before = exported(scene, node, right_id, volume)
 
     written, result = reconstruct_segment(node, [left_id], prior=quick_prior, output="replace", show_3d=False,
-                                          export_model=True)
+                                          export_model=True, precision="float32")
 
-    assert written == [left_id]
+    assert written == [left_id] and result.reports[0]["precision"] == "float32"
     assert np.array_equal(exported(scene, node, right_id, volume), right_before)
     assert node.GetSegmentation().GetNumberOfSegments() == 2
     assert node.GetSegmentation().GetSegment(left_id).GetName() == "left"
@@ -467,12 +467,13 @@ def failing_calls(tmp_path, quick_prior):
         "bad slices": (dict(slices="oblique:8"), InputError),
         "bad output": (dict(output="overwrite_everything"), InputError),
         "unavailable device": (dict(device="cuda:7"), InputError),
+        "unknown precision": (dict(precision="float16"), InputError),
     }
 
 
 @pytest.mark.parametrize("case", ["missing prior", "corrupt prior", "unknown prior name", "empty segment",
                                   "unknown segment", "cancel", "cancel in second segment", "bad slices", "bad output",
-                                  "unavailable device"])
+                                  "unavailable device", "unknown precision"])
 @pytest.mark.parametrize("output", ["new_segment", "new_segmentation", "replace"])
 def test_failing_call_leaves_the_scene_unchanged(scene, quick_prior, blob_geometry, tmp_path, case, output):
     left, right = two_blobs(blob_geometry)
