@@ -137,12 +137,13 @@ def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_
             record.snapshot(step, params)
         last = time.perf_counter()
 
+    precision = str(prior.precision).replace("torch.", "")
     if not converge:
         take_steps(steps, prior.params, max_steps, on_step=on_step)
-        return {"converged_steps": max_steps}
+        return {"converged_steps": max_steps, "precision": precision}
     params, losses = steps_until_converged(steps, prior.params, patience, max_steps, on_step=on_step)
     record.snapshot(-len(losses), params)  # negative steps mark "at convergence" (early stopping)
-    return {"converged_steps": len(losses)}
+    return {"converged_steps": len(losses), "precision": precision}
 
 
 def autodecoder_trajectory(model, coords, target, lr, latent_prior, record: Trajectory, max_steps, patience,
@@ -384,7 +385,8 @@ def _format_reach(values, unit=""):
 def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config: dict, methods, args,
                   reused: Sequence[str] = ()) -> None:
     with open(os.path.join(out, "results.csv"), "w", newline="") as handle:
-        columns = ["method", "setting", "shape", "steps", "dice", "asd", "hd95", "seconds", "converged_steps"]
+        columns = ["method", "setting", "shape", "steps", "dice", "asd", "hd95", "seconds", "converged_steps",
+                   "precision"]
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -409,7 +411,8 @@ def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config:
         earlier = _earlier_command(args.reuse, args.config) if getattr(args, "reuse", None) else None
         lines += [f"Rows of {', '.join(NAMES[m] for m in reused)} are carried over from an earlier evaluation on the "
                   f"same inputs ({', '.join(p for p in (args.reuse, getattr(args, 'reuse_transfer', None)) if p)}); "
-                  "their seconds were measured there." + (f" That evaluation: `{earlier}`" if earlier else ""), ""]
+                  f"their seconds were measured there{_carried_precision(rows, reused)}."
+                  + (f" That evaluation: `{earlier}`" if earlier else ""), ""]
 
     lines += ["## Ours against the classic tools on the same inputs", "",
               f"Ours after 1 step and after the prior's default {default_steps} steps (model card).", "",
@@ -502,6 +505,13 @@ def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config:
     with open(os.path.join(out, "summary.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
     print("\n".join(lines))
+
+
+def _carried_precision(rows: List[dict], reused: Sequence[str]) -> str:
+    """How the carried-over SIREN rows computed, for their seconds; files without the column come
+    from evaluations before the precision setting, which computed in float32."""
+    found = sorted({r.get("precision") or "float32" for r in rows if r["method"] in reused and r["method"] != "autodecoder"})
+    return f" (network in {' and '.join(found)})" if found else ""
 
 
 def _earlier_command(reused_csv: str, config_path: Optional[str]) -> Optional[str]:

@@ -350,6 +350,7 @@ def test_smoke_run_every_method_on_real_kidneys(data_dir, tmp_path):
         assert name in table
     rows = (out / "results.csv").read_text().splitlines()
     assert len(rows) > 10
+    assert rows[0].endswith(",precision") and any(row.endswith(",float32") for row in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["settings"]) == {"sagittal:16", "orthogonal"}
     assert summary["precision"] == "float32"
@@ -370,6 +371,7 @@ def test_smoke_run_every_method_on_real_kidneys(data_dir, tmp_path):
     run(*evaluate_prior_only, "--out", str(again))
     table = (again / "results.md").read_text()
     assert "B.(ii) pre-trained" in table and "B.(i) auto-decoder" in table and "carried over" in table
+    assert "their seconds were measured there (network in float32)" in table  # as the first run computed
     auto = "bfloat16" if native_bfloat16() else "float32"  # the default: as `reconstruct` resolves it
     assert json.loads((again / "summary.json").read_text())["precision"] == auto
     assert "--reuse" in table  # the command that reproduces it, and the one that measured the baselines
