@@ -95,6 +95,9 @@ DEFAULTS: Dict[str, Any] = {
 }
 
 
+PRECISIONS = ("auto", "float32", "bfloat16")  # `reconstruct`'s, without importing the engine here
+
+
 def deep_update(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -130,4 +133,6 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = parse_value(text)
+    if str(config["precision"]).lower() not in PRECISIONS:  # refused before any long run starts
+        raise SystemExit(f"precision {config['precision']!r}: expected {', '.join(PRECISIONS)}")
     return config

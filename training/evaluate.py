@@ -26,7 +26,7 @@ from MetaShapeReconLib.adaptation import choose_context, steps_until_converged, 
 from MetaShapeReconLib.baselines import fill_between_slices, signed_distance_interpolation
 from MetaShapeReconLib.frame import FrameSpec, centre_frame
 from MetaShapeReconLib.occupancy import OccupancyNetwork, evaluate_grid
-from MetaShapeReconLib.pipeline import PRECISIONS, dice, observed_context, resolve_precision
+from MetaShapeReconLib.pipeline import dice, observed_context, resolve_precision
 from MetaShapeReconLib.planes import ObservedPlanes, finish_on_drawing, planes_from_rules
 from MetaShapeReconLib.prior import Prior, load_prior
 from scipy import ndimage
@@ -107,10 +107,7 @@ class Trajectory:
 
 def evaluation_precision(config: dict, device) -> torch.dtype:
     """The config's `precision` as `reconstruct` resolves it, so results measure what users get."""
-    value = str(config["precision"]).lower()
-    if value != "auto" and value not in PRECISIONS:
-        raise SystemExit(f"precision {value!r}: expected auto, {' or '.join(PRECISIONS)}")
-    return resolve_precision(value, device)
+    return resolve_precision(str(config["precision"]), device)  # load_config checked the value
 
 
 def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_steps: int, adam_lr: float,

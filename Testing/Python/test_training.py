@@ -459,6 +459,12 @@ def test_publish_gathers_evaluations_into_results_md(tmp_path):
     assert open(path).read() == again  # nothing new: the file as it was
 
 
+def test_an_unknown_precision_is_refused_when_the_config_loads():
+    assert load_config(None, ["precision=bfloat16"])["precision"] == "bfloat16"
+    with pytest.raises(SystemExit, match="precision 'half': expected auto, float32, bfloat16"):
+        load_config(None, ["precision=half"])
+
+
 def test_train_refuses_to_overwrite_a_run_without_resume(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
