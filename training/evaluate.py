@@ -26,7 +26,7 @@ from MetaShapeReconLib.adaptation import choose_context, steps_until_converged, 
 from MetaShapeReconLib.baselines import fill_between_slices, signed_distance_interpolation
 from MetaShapeReconLib.frame import FrameSpec, centre_frame
 from MetaShapeReconLib.occupancy import OccupancyNetwork, evaluate_grid
-from MetaShapeReconLib.pipeline import dice, observed_context, resolve_precision
+from MetaShapeReconLib.pipeline import dice, observed_context, precision_name, resolve_precision
 from MetaShapeReconLib.planes import ObservedPlanes, finish_on_drawing, planes_from_rules
 from MetaShapeReconLib.prior import Prior, load_prior
 from scipy import ndimage
@@ -134,7 +134,7 @@ def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_
             record.snapshot(step, params)
         last = time.perf_counter()
 
-    precision = str(prior.precision).replace("torch.", "")
+    precision = precision_name(prior.precision)
     if not converge:
         take_steps(steps, prior.params, max_steps, on_step=on_step)
         return {"converged_steps": max_steps, "precision": precision}
@@ -434,7 +434,7 @@ def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config:
         values = [r["seconds"] for r in rows if r["method"] == method and r["steps"] in ((default_steps,) if method == "maml" else (0,))]
         if values:
             times[method] = float(np.median(values))
-    precision = str(methods["maml"].precision).replace("torch.", "") if "maml" in methods else None
+    precision = precision_name(methods["maml"].precision) if "maml" in methods else None
     if times:
         arithmetic = f", network in {precision}" if precision else ""
         lines += [f"Median seconds per reconstruction on this machine (CPU, canonical crop{arithmetic}): " + ", ".join(

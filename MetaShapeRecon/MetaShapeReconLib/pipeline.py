@@ -69,6 +69,11 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    """"float32" or "bfloat16": the name reports and results give a resolved precision."""
+    return next(name for name, value in PRECISIONS.items() if value == dtype)
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """The dtype of the network's later layers (`Siren.forward`). auto: bfloat16 on a CPU with
     native bfloat16, where adaptation and evaluation take about 0.6x the time at the same Dice
@@ -230,7 +235,7 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
         "steps": steps_taken,
         "steps_mode": "auto" if auto_steps else "fixed",
         "device": device_description(torch_device),
-        "precision": str(network.precision).replace("torch.", ""),
+        "precision": precision_name(network.precision),
         "observed_planes": describe_planes(planes, geometry),
         "context_points": {"observed": int(len(coords)), "used": int(len(context.target)),
                            "fresh_each_step": context.redraw is not None,
