@@ -233,7 +233,7 @@ def compare_methods(truth, geometry, prior, trained: bool, settings, repeats: in
     from .pipeline import dice, reconstruct, resolve_precision
 
     precisions = ["auto"] + (["float32"] if resolve_precision("auto", torch.device(device)) != torch.float32 else [])
-    rows, networks = [], {}
+    rows = []
     for axis_name, step in settings:
         sparse, planes, spec = sparse_input(truth, geometry, axis_name, step)
         step_counts = [1] + ([prior.default_steps] if prior.default_steps != 1 else [])
@@ -246,8 +246,6 @@ def compare_methods(truth, geometry, prior, trained: bool, settings, repeats: in
                          f"{median:.3f}", f"{first:.3f}", f"{timings['adapt']:.3f} + {timings['evaluate']:.3f}",
                          _fmt_dice(dice(result.labels, truth), trained),
                          f"{result.report['evaluation']['network_evaluations']:,}"])
-            if precision == "auto":
-                networks[(spec, steps)] = result
             print(f"  measured ours {steps} step(s) in {result.report['precision']} on {spec}", flush=True)
         for name, method in (("Fill between slices", fill_between_slices),
                              ("signed-distance interpolation", signed_distance_interpolation)):
@@ -255,7 +253,7 @@ def compare_methods(truth, geometry, prior, trained: bool, settings, repeats: in
             rows.append([name, spec, f"{median:.3f}", f"{first:.3f}", "-", _fmt_dice(dice(output, truth)), "-"])
             print(f"  measured {name} on {spec}", flush=True)
     header = ["method", "planes", "median s", "first call s", "adapt + evaluate s", "Dice", "network evaluations"]
-    return _table(header, rows), networks
+    return _table(header, rows)
 
 
 def compare_evaluation(truth, geometry, prior, trained: bool, spec: str, steps: int, repeats: int):
@@ -432,7 +430,7 @@ def _run(args) -> int:
           f"process's first reconstruction)\n", flush=True)
 
     print("## Ours vs Fill between slices vs signed-distance interpolation (CPU, 128^3 output)\n", flush=True)
-    table, _ = compare_methods(truth, geometry, prior, trained, settings, repeats)
+    table = compare_methods(truth, geometry, prior, trained, settings, repeats)
     print("\n" + table + "\n")
     if not trained:
         print(f"Dice of ours is n/a: {UNTRAINED_NOTE}.\n")

@@ -93,7 +93,7 @@ def add_reconstruction_options(parser: argparse.ArgumentParser) -> None:
 
 def run_reconstruct(args) -> dict:
     from .labelmap_io import LABELMAP_SUFFIXES, atomic_output, check_writable, read_labelmap, write_labelmap
-    from .pipeline import check_precision, reconstruct, resolve_device
+    from .pipeline import reconstruct, resolve_device
     from .prior import load_prior
     from .surface import SURFACE_SUFFIXES, surface_from_labelmap, write_surface
 
@@ -107,7 +107,6 @@ def run_reconstruct(args) -> dict:
 
     started = time.perf_counter()
     resolve_device(args.device)  # fail before any work when the device is not there
-    check_precision(args.precision)
     prior = load_prior(args.prior)  # first: says so when no prior is available at all
     labels, geometry = read_labelmap(args.input)
     loaded = time.perf_counter()
