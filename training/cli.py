@@ -1,4 +1,4 @@
-"""`python -m training <command>`: prepare, train, tune, evaluate, export (and publish).
+"""`python -m training <command>`: prepare, train, tune, evaluate, export (and publish, bench).
 
 Each command reads a YAML config (defaults: training/config.py) and `--set key.path=value`
 overrides, e.g.
@@ -10,6 +10,7 @@ overrides, e.g.
     python -m training evaluate --config training/configs/kidney.yaml --prior runs/kidney/best.safetensors
     python -m training export  --config training/configs/kidney.yaml --prior runs/kidney/best.safetensors \
         --name kidney --results runs/kidney/evaluation
+    python -m training bench   --config training/configs/kidney.yaml --prior Resources/Priors/kidney.safetensors
 """
 
 import argparse
@@ -65,6 +66,12 @@ def main(argv=None) -> int:
                       help="an adaptation setting and the values to try, e.g. first_step_scale=1,1.4,1.7 "
                            "or auto.lr=5e-5,1e-4")
 
+    bench = command("bench", "time the outer step in float32 and bfloat16 on the same batches, "
+                    "with how closely the meta-gradients agree")
+    bench.add_argument("--prior", help="prior to start from (.safetensors; default: a new initialisation)")
+    bench.add_argument("--batches", type=int, default=6)
+    bench.add_argument("--first-order", action="store_true", help="the first-order outer step (default: second order)")
+
     publish = commands.add_parser("publish", help="gather evaluation folders into docs/RESULTS.md "
                                   "(priors published earlier and not given keep their sections)")
     publish.add_argument("--results", nargs="+", required=True, metavar="NAME=FOLDER")
@@ -106,6 +113,10 @@ def main(argv=None) -> int:
         shapes = validation_shapes(config)
         print(header(parse_setting(args.setting)[0], len(shapes), config), flush=True)
         tune(config, args.prior, args.setting, shapes, report=lambda row: print(format_row(row), flush=True))
+    elif args.command == "bench":
+        from .bench import bench_outer_step
+
+        bench_outer_step(config, args.prior, args.batches, args.first_order)
     elif args.command == "export":
         from .export import export_prior
 

@@ -16,7 +16,7 @@ DEFAULTS: Dict[str, Any] = {
     "seed": 0,
     "device": "auto",
     "precision": "auto",             # network arithmetic at evaluation (`reconstruct`'s): auto,
-                                     # float32 or bfloat16; training itself is float32
+                                     # float32 or bfloat16; meta-training has its own (maml.precision)
     "threads": 0,                    # CPU threads for torch (0: torch's default); 1 is most efficient
                                      # for these small matrices on a busy 2-core machine
     "data": {
@@ -64,6 +64,9 @@ DEFAULTS: Dict[str, Any] = {
         "iterations": 3000,
         "grad_clip": 1.0,
         "init": "",                   # start from this prior file instead of a SIREN initialisation
+        "precision": "auto",          # the network's later layers in the inner and outer loop, as
+                                      # `reconstruct` resolves it: bfloat16 on a CPU with native bfloat16
+                                      # (~1.4x the iterations per hour at the same Dice), else float32
     },
     "pretrain": {"lr": 1.0e-4, "batch_shapes": 4, "iterations": 3000},
     "autodecoder": {
@@ -133,6 +136,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = parse_value(text)
-    if str(config["precision"]).lower() not in PRECISIONS:  # refused before any long run starts
-        raise SystemExit(f"precision {config['precision']!r}: expected {', '.join(PRECISIONS)}")
+    for key, value in (("precision", config["precision"]), ("maml.precision", config["maml"]["precision"])):
+        if str(value).lower() not in PRECISIONS:  # refused before any long run starts
+            raise SystemExit(f"{key} {value!r}: expected {', '.join(PRECISIONS)}")
     return config

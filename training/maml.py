@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from MetaShapeReconLib.adaptation import inner_step
+from MetaShapeReconLib.pipeline import precision_name, resolve_precision
 from MetaShapeReconLib.prior import Prior, initial_prior, load_prior, save_prior
 from MetaShapeReconLib.siren import logits, reconstruction_loss
 
@@ -164,6 +165,7 @@ class MetaLearner:
             trainable += list(self.inner_lr.values()) + list((self.first_step_lr or {}).values())
         self.optimizer = torch.optim.Adam(trainable, lr=float(maml["outer_lr"]))
         self.weight_decay = float(config["loss"]["weight_decay"])
+        self.precision = resolve_precision(str(maml["precision"]), device)
 
     def set_outer_lr(self, iteration: int) -> float:
         """The outer step for this iteration: `maml.outer_lr`, ramped up linearly over the run's
@@ -184,12 +186,14 @@ class MetaLearner:
         return Prior(self.model, {k: v.detach().clone() for k, v in self.params.items()},
                      {k: v.detach().clone() for k, v in self.inner_lr.items()}, self.card, first_step_lr=first)
 
-    def outer_step(self, batch: Dict[str, np.ndarray], first_order: bool) -> Dict[str, float]:
+    def meta_gradient(self, batch: Dict[str, np.ndarray], first_order: bool) -> torch.Tensor:
+        """Sets every trainable tensor's .grad to the meta-gradient of the batch (averaged over
+        processes, before clipping); returns the per-task, per-step target losses."""
         maml = self.config["maml"]
         steps = int(maml["inner_steps"])
         multi_step = bool(maml["multi_step_loss"])
         tensors = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
-        model, weight_decay = self.model, self.weight_decay
+        model, weight_decay, precision = self.model, self.weight_decay, self.precision
 
         first_sizes = self.inner_lr if self.first_step_lr is None else self.first_step_lr
 
@@ -198,10 +202,11 @@ class MetaLearner:
             step_losses = []
             for step in range(steps):
                 sizes = first_sizes if step == 0 else self.inner_lr
-                params, _ = inner_step(model, params, sizes, context_x, context_y, weight_decay, first_order)
+                params, _ = inner_step(model, params, sizes, context_x, context_y, weight_decay, first_order,
+                                       precision)
                 if multi_step or step == steps - 1:
-                    step_losses.append(reconstruction_loss(logits(model, params, target_x), target_y, params,
-                                                           weight_decay))
+                    step_losses.append(reconstruction_loss(logits(model, params, target_x, precision), target_y,
+                                                           params, weight_decay))
             return torch.stack(step_losses)
 
         losses = torch.vmap(task_loss)(tensors["context_x"], tensors["context_y"],
@@ -210,12 +215,17 @@ class MetaLearner:
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
         average_gradients_across_processes(self.optimizer)
+        return losses.detach()
+
+    def outer_step(self, batch: Dict[str, np.ndarray], first_order: bool) -> Dict[str, float]:
+        maml = self.config["maml"]
+        losses = self.meta_gradient(batch, first_order)
         if maml.get("grad_clip"):
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
                                            float(maml["grad_clip"]))
         self.optimizer.step()
-        per_step = losses.detach().mean(dim=0).cpu().numpy()
-        return {"loss": float(objective.detach()), "loss_first_step": float(per_step[0]), "loss_last_step": float(per_step[-1])}
+        per_step = losses.mean(dim=0).cpu().numpy()
+        return {"loss": float(losses.mean()), "loss_first_step": float(per_step[0]), "loss_last_step": float(per_step[-1])}
 
 
 def draw_shapes(shapes: List[Shape], rng: np.random.Generator, count: int) -> List[Shape]:
@@ -248,7 +258,8 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
         learner = MetaLearner(initial, config, device)
         best_dice, elapsed = -1.0, 0.0
     learner.card.setdefault("training", {})
-    run_settings = meta_training_settings(config, learner.first_step_lr is not None)
+    run_settings = dict(meta_training_settings(config, learner.first_step_lr is not None),
+                        precision=precision_name(learner.precision))
 
     task_seed = int(config["seed"]) + start + 100003 * rank  # each process draws its own tasks
     rng = np.random.default_rng(task_seed)

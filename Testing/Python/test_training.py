@@ -15,6 +15,7 @@ from MetaShapeReconLib.pipeline import native_bfloat16, observed_context
 from MetaShapeReconLib.prior import load_prior
 from MetaShapeReconLib.siren import logits, reconstruction_loss
 
+from training.bench import bench_outer_step, gradient_parts
 from training.config import load_config
 from training.data import Shape, TaskSampler
 from training.maml import MetaLearner, meta_training_settings, new_prior, train_maml
@@ -154,6 +155,44 @@ def test_outer_step_warms_up_over_a_runs_first_iterations():
     assert moved_cold == pytest.approx(1e-3, rel=0.05)  # Adam's first update: the whole step
     assert moved_warm == pytest.approx(0.25 * moved_cold, rel=0.05)
     assert meta_training_settings(config)["warmup_iterations"] == 4
+
+
+def test_bfloat16_meta_training_follows_the_float32_meta_gradient(tmp_path):
+    """maml.precision=bfloat16: the second-order meta-gradient through bfloat16 later layers
+    points where the float32 one does, far closer than the previous batch's does (the noise
+    training already lives with), while weights, step sizes and gradients stay float32; the
+    bench reports it side by side, and the run's card says which precision it used."""
+    config = small_config(**{"maml.grad_clip": 0})
+    shapes = shapes_from_family(8)
+    lines = []
+    rows = bench_outer_step(config, None, batches=3, shapes=shapes, report=lines.append)
+    assert len(rows) == 3 and sum(line.startswith("| ") for line in lines) == 1 + 3
+    for row in rows[1:]:
+        for part in ("weights", "step sizes"):
+            agreement, between_batches = row[f"cos_{part}"], row[f"cos_{part}_previous"]
+            assert agreement > 0.95 and 1 - agreement < 0.1 * (1 - between_batches), (part, row)
+        assert row["loss_bfloat16"] == pytest.approx(row["loss_float32"], rel=0.02)
+
+    half = MetaLearner(new_prior(config), dict(config, maml=dict(config["maml"], precision="bfloat16")),
+                       torch.device("cpu"))
+    full = MetaLearner(new_prior(config), dict(config, maml=dict(config["maml"], precision="float32")),
+                       torch.device("cpu"))
+    batch = TaskSampler(config, seed=1).batch(shapes[:4])
+    gradients = []
+    for learner in (full, half):
+        learner.meta_gradient(batch, first_order=False)
+        gradients.append(gradient_parts(learner))
+    assert half.precision == torch.bfloat16
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in half.params.values())
+    for part in gradients[0]:
+        assert float(gradients[1][part].norm() / gradients[0][part].norm()) == pytest.approx(1, abs=0.1)
+
+    run = train_maml(dict(config, maml=dict(config["maml"], precision="bfloat16", iterations=1)),
+                     str(tmp_path / "run"), shapes=shapes)
+    assert load_prior(run).card["training"]["settings"]["precision"] == "bfloat16"
+    assert load_prior(train_maml(dict(config, maml=dict(config["maml"], precision="float32", iterations=1)),
+                                 str(tmp_path / "fp32"),
+                                 shapes=shapes)).card["training"]["settings"]["precision"] == "float32"
 
 
 def test_export_then_engine_load_predicts_identically(tmp_path):
@@ -336,6 +375,9 @@ def test_smoke_run_every_method_on_real_kidneys(data_dir, tmp_path):
     run("prepare")
     for method in ("maml", "pretrain", "autodecoder"):
         run("train", "--method", method, "--out", str(tmp_path / method), "--set", "maml.outer_lr=2e-5")
+    bench = run("bench", "--prior", str(tmp_path / "maml" / "checkpoint.safetensors"), "--batches", "2").splitlines()
+    assert [line.split(" | ")[0] for line in bench if line[:3] in ("| 1", "| 2")] == ["| 1", "| 2"]
+    assert any(line.startswith("median: float32 ") for line in bench)
     out = tmp_path / "evaluation"
     run("evaluate", "--prior", str(tmp_path / "maml" / "checkpoint.safetensors"),
         "--pretrain", str(tmp_path / "pretrain" / "checkpoint.safetensors"),
@@ -360,6 +402,7 @@ def test_smoke_run_every_method_on_real_kidneys(data_dir, tmp_path):
     exported = json.loads(open(card).read())
     assert exported["license"] == "CC BY-NC-SA 4.0" and "KiTS19" in exported["attribution"]
     assert exported["meta_training"]["outer_lr"] == 2e-5  # the run's settings, not the export command's
+    assert exported["meta_training"]["precision"] == ("bfloat16" if native_bfloat16() else "float32")
     assert exported["results"]["settings"]["orthogonal"]
 
     # the prior alone evaluated again: the baselines' rows come from the first run, unchanged
@@ -463,6 +506,9 @@ def test_an_unknown_precision_is_refused_when_the_config_loads():
     assert load_config(None, ["precision=bfloat16"])["precision"] == "bfloat16"
     with pytest.raises(SystemExit, match="precision 'half': expected auto, float32, bfloat16"):
         load_config(None, ["precision=half"])
+    assert load_config(None, [])["maml"]["precision"] == "auto"
+    with pytest.raises(SystemExit, match="maml.precision 'fp8': expected auto, float32, bfloat16"):
+        load_config(None, ["maml.precision=fp8"])
 
 
 def test_train_refuses_to_overwrite_a_run_without_resume(tmp_path):
