@@ -88,6 +88,8 @@ class MetaShapeReconParameterNode:
     segmentationNode, segmentID: the drawing (no GUI connector exists for segment selectors, so
     the widget syncs these two itself). prior: a bundled prior's name or a prior file's path.
     steps: -1 for the prior's default. planes: "auto" or the axis of planesStep/planesOffset.
+    interpolate: weigh in shape-based interpolation between parallel drawn planes as the
+    prior's card sets it (off: the prior alone).
     """
 
     segmentationNode: vtkMRMLSegmentationNode
@@ -100,6 +102,7 @@ class MetaShapeReconParameterNode:
     planes: Annotated[str, Choice(list(PLANE_AXES))] = "auto"
     planesStep: Annotated[int, WithinRange(1, 64)] = 8
     planesOffset: Annotated[int, WithinRange(0, 63)] = 0
+    interpolate: bool = True
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     output: Annotated[str, Choice(list(slicer_logic.OUTPUT_MODES))] = "new_segment"
     show3D: bool = True
@@ -419,7 +422,8 @@ class MetaShapeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         job = slicer_logic.prepare(
             node.segmentationNode, segmentId, node.referenceVolume, prior=node.prior, steps=steps,
             slices=slicer_logic.slices_spec(node.planes, node.planesStep, node.planesOffset),
-            device=node.device, output=node.output, show_3d=node.show3D, export_model=node.exportModel)
+            device=node.device, output=node.output, show_3d=node.show3D, export_model=node.exportModel,
+            interpolation=None if node.interpolate else 0.0)
 
         self.ui.resultLabel.text = ""
         self.ui.statusLabel.text = _("Loading the prior...")
@@ -575,7 +579,8 @@ class MetaShapeReconLogic(ScriptedLoadableModuleLogic):
     # -- processing -------------------------------------------------------------------------
 
     def process(self, segmentationNode, segmentId=None, referenceVolumeNode=None, prior="kidney", steps=None,
-                slices="auto", device="auto", output="new_segment", show3D=True, exportModel=False, progress=None):
+                slices="auto", device="auto", output="new_segment", show3D=True, exportModel=False, progress=None,
+                interpolation=None):
         """Reconstruct (blocking) and write the result into the scene.
 
         See MetaShapeReconLib.slicer_logic.reconstruct_segment for the arguments. Returns
@@ -584,7 +589,7 @@ class MetaShapeReconLogic(ScriptedLoadableModuleLogic):
             raise InputError("MetaShapeRecon needs PyTorch and safetensors; the installation was declined")
         return slicer_logic.reconstruct_segment(
             segmentationNode, segmentId, referenceVolumeNode, prior=prior, steps=steps, slices=slices, device=device,
-            output=output, progress=progress, show_3d=show3D, export_model=exportModel)
+            output=output, progress=progress, show_3d=show3D, export_model=exportModel, interpolation=interpolation)
 
 
 #

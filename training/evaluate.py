@@ -25,8 +25,16 @@ import torch
 from MetaShapeReconLib.adaptation import choose_context, steps_until_converged, take_steps, to_tensors
 from MetaShapeReconLib.baselines import fill_between_slices, signed_distance_interpolation
 from MetaShapeReconLib.frame import FrameSpec, centre_frame
-from MetaShapeReconLib.occupancy import OccupancyNetwork, evaluate_grid
-from MetaShapeReconLib.pipeline import dice, observed_context, precision_name, resolve_precision
+from MetaShapeReconLib.occupancy import OccupancyNetwork, WithInterpolation, evaluate_grid
+from MetaShapeReconLib.pipeline import (
+    dice,
+    interpolation_evidence,
+    interpolation_weight,
+    observed_context,
+    plane_gap_mm,
+    precision_name,
+    resolve_precision,
+)
 from MetaShapeReconLib.planes import ObservedPlanes, finish_on_drawing, planes_from_rules
 from MetaShapeReconLib.prior import Prior, load_prior
 from scipy import ndimage
@@ -95,14 +103,19 @@ class Trajectory:
         self.record_steps = set(record_steps)
         self.rows: List[dict] = []
         self.adapt_seconds = 0.0
+        # other outputs of the same weights, recorded at some steps: {method: (evaluate, steps, rows)}
+        self.variants: Dict[str, Tuple[Callable, set, List[dict]]] = {}
 
     def snapshot(self, step: int, state) -> None:
-        started = time.perf_counter()
-        output = self.evaluate(state)
-        if self.planes is not None:
-            finish_on_drawing(output, self.truth, self.planes)  # as the product does
-        seconds = self.adapt_seconds + time.perf_counter() - started
-        self.rows.append(dict(metrics(output, self.truth, self.spacing), steps=step, seconds=seconds))
+        outputs = [(self.evaluate, self.rows)] + [(evaluate, rows) for evaluate, steps, rows in self.variants.values()
+                                                 if step in steps]
+        for evaluate, rows in outputs:
+            started = time.perf_counter()
+            output = evaluate(state)
+            if self.planes is not None:
+                finish_on_drawing(output, self.truth, self.planes)  # as the product does
+            seconds = self.adapt_seconds + time.perf_counter() - started
+            rows.append(dict(metrics(output, self.truth, self.spacing), steps=step, seconds=seconds))
 
 
 def evaluation_precision(config: dict, device) -> torch.dtype:
@@ -112,16 +125,25 @@ def evaluation_precision(config: dict, device) -> torch.dtype:
 
 def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_steps: int, adam_lr: float,
                      record: Trajectory, max_steps: int, patience: int, frame, geometry, device,
-                     converge: bool = True) -> dict:
+                     converge: bool = True, evidence: Optional[tuple] = None, evidence_steps: Sequence[int] = ()) -> dict:
     """The engine's adaptation (`adaptation_steps`: `meta_steps` meta-learned steps, then Adam)
     until the context loss stops improving (`converge`, at most `max_steps`) or for `max_steps`,
     on context points the prior draws from the observed voxels `coords`, `target` (`Prior.context`).
-    Snapshots at record.record_steps and, when converging, of the weights it settles on."""
+    Snapshots at record.record_steps and, when converging, of the weights it settles on; with
+    `evidence` (`interpolation_evidence`) also the output with interpolation at `evidence_steps`,
+    as `maml_interpolated`."""
     prior = prior.to(device)
     model = prior.model
     context = prior.context(coords, target, 0, device)
-    record.evaluate = lambda params: evaluate_grid(OccupancyNetwork(params, model.omega_0, device,
-                                                                    precision=prior.precision), frame, geometry)
+
+    def network(params):
+        return OccupancyNetwork(params, model.omega_0, device, precision=prior.precision)
+
+    record.evaluate = lambda params: evaluate_grid(network(params), frame, geometry)
+    if evidence is not None:
+        record.variants["maml_interpolated"] = (
+            lambda params: evaluate_grid(WithInterpolation(network(params), *evidence), frame, geometry),
+            set(evidence_steps), [])
     if 0 in record.record_steps:
         record.snapshot(0, prior.params)  # the initialisation itself, before any step
     steps = prior.adaptation_steps(context, meta_steps, adam_lr)
@@ -209,9 +231,16 @@ def evaluate_case(shape: Shape, setting: str, methods: Dict[str, object], config
         record = Trajectory(None, shape.mask, spacing, record_steps, planes)
         meta_steps = prior.meta_steps if name == "maml" else 0  # B.(ii): Adam from the first step
         adam_lr = float(prior.adaptation["auto"]["lr"]) if name == "maml" else float(config["pretrain"]["lr"])
+        evidence = None
+        if name == "maml":  # the card's interpolation, as `reconstruct` weighs it in
+            weight = interpolation_weight(prior.adaptation["interpolation_weight"], plane_gap_mm(planes, shape.geometry))
+            evidence = interpolation_evidence(shape.mask, planes, shape.geometry, frame, weight)
         info = siren_trajectory(prior, coords, target, meta_steps, adam_lr, record, max_steps, patience,
-                                frame, shape.geometry, device, converge=full)
+                                frame, shape.geometry, device, converge=full, evidence=evidence,
+                                evidence_steps=[default_steps])
         add(name, record.rows, info)
+        for variant, (_, _, variant_rows) in record.variants.items():
+            add(variant, variant_rows, info)
     if methods.get("autodecoder") is not None and full:
         model, card = methods["autodecoder"]
         frame = centre_frame(FrameSpec.from_metadata(card["frame"]), shape.geometry, shape.mask, planes)
@@ -269,7 +298,8 @@ def run_evaluation(config: dict, args) -> None:
         path = getattr(args, option, None)
         if path:
             check_same_inputs(table, earlier, f"--{option.replace('_', '-')} {path}", key)
-            carried = [r for r in earlier if r["method"] not in methods]
+            produced = set(methods) | {r["method"] for r in table}  # e.g. maml_interpolated, from maml
+            carried = [r for r in earlier if r["method"] not in produced]
             table += carried
             reused |= {r["method"] for r in carried}
     write_results(args.out, rows, transfer_rows, config, methods, args, sorted(reused))
@@ -331,7 +361,8 @@ def evaluate_settings(shapes, settings, methods, config, device, label) -> List[
 
 # --- tables and plots ----------------------------------------------------------------------------
 
-NAMES = {"maml": "Ours (meta-learned)", "pretrain": "B.(ii) pre-trained", "autodecoder": "B.(i) auto-decoder",
+NAMES = {"maml": "Ours (meta-learned)", "maml_interpolated": "Ours + interpolation",
+         "pretrain": "B.(ii) pre-trained", "autodecoder": "B.(i) auto-decoder",
          "fill_between_slices": "Fill between slices", "sdf_interpolation": "Signed-distance interpolation"}
 
 
@@ -411,15 +442,24 @@ def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config:
                   f"their seconds were measured there{_carried_precision(rows, reused)}."
                   + (f" That evaluation: `{earlier}`" if earlier else ""), ""]
 
+    interpolated = "maml_interpolated" in present
+    ours = [("ours_1_step", "maml", 1), ("ours_default_steps", "maml", default_steps)]
+    labels = ["Ours 1 step", f"Ours {default_steps} steps"]
     lines += ["## Ours against the classic tools on the same inputs", "",
-              f"Ours after 1 step and after the prior's default {default_steps} steps (model card).", "",
-              "| input | " + " | ".join(["Ours 1 step", f"Ours {default_steps} steps"] + [NAMES[m] for m in classic])
-              + " |", "|---" * (3 + len(classic)) + "|"]
+              f"Ours after 1 step and after the prior's default {default_steps} steps (model card)."]
+    if interpolated:
+        weight = methods["maml"].adaptation["interpolation_weight"] if "maml" in methods else "?"
+        ours.append(("ours_interpolated", "maml_interpolated", default_steps))
+        labels.append(f"Ours {default_steps} steps + interpolation")
+        lines[-1] += (f" \"+ interpolation\": the same network's evidence plus shape-based interpolation's "
+                      f"(card's `interpolation_weight` {weight} logits per mm at 8 mm plane gaps), what "
+                      "`reconstruct` returns where two or more parallel planes are drawn; n/a where none are.")
+    lines += ["", "| input | " + " | ".join(labels + [NAMES[m] for m in classic]) + " |",
+              "|---" * (1 + len(labels) + len(classic)) + "|"]
     summary = {"default_steps": default_steps, "settings": {}}
     for setting in settings:
         cells, entry = [], {}
-        for label, method, step in [("ours_1_step", "maml", 1), ("ours_default_steps", "maml", default_steps)] + \
-                [(m, m, 0) for m in classic]:
+        for label, method, step in ours + [(m, m, 0) for m in classic]:
             d = _at_step(rows, method, setting, step)
             a = _at_step(rows, method, setting, step, "asd")
             cells.append(f"Dice {_mean_std(d)}<br>ASD {_mean_std(a)} mm" if d else "n/a")
@@ -430,15 +470,18 @@ def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config:
     lines.append("")
 
     times = {}
-    for method in ["maml"] + classic:
-        values = [r["seconds"] for r in rows if r["method"] == method and r["steps"] in ((default_steps,) if method == "maml" else (0,))]
+    for method in ["maml"] + (["maml_interpolated"] if interpolated else []) + classic:
+        values = [r["seconds"] for r in rows if r["method"] == method
+                  and r["steps"] in ((default_steps,) if method.startswith("maml") else (0,))]
         if values:
             times[method] = float(np.median(values))
     precision = precision_name(methods["maml"].precision) if "maml" in methods else None
     if times:
         arithmetic = f", network in {precision}" if precision else ""
+        named = dict(NAMES, maml=f"Ours ({default_steps} steps)",
+                     maml_interpolated=f"Ours + interpolation ({default_steps} steps)")
         lines += [f"Median seconds per reconstruction on this machine (CPU, canonical crop{arithmetic}): " + ", ".join(
-            f"{NAMES[m] if m != 'maml' else f'Ours ({default_steps} steps)'} {t:.2f} s" for m, t in times.items()), ""]
+            f"{named[m]} {t:.2f} s" for m, t in times.items()), ""]
     summary["median_seconds"] = times
     summary["precision"] = precision
 

@@ -81,15 +81,23 @@ def tune(config: dict, prior_path: str, setting: str, shapes: Sequence,
             "dice_1_step": _mean(results, "dice", config["validation"]["slices"], 1),
             "settings": {s: {"dice": _mean(results, "dice", s, default), "asd": _mean(results, "asd", s, default)}
                          for s in settings},
-            "seconds": float(np.mean([r["seconds"] for r in results if r["steps"] == default])),
+            "seconds": float(np.mean([r["seconds"] for r in _output_rows(results) if r["steps"] == default])),
         })
         if report is not None:
             report(rows[-1])
     return rows
 
 
+def _output_rows(results: Sequence[dict]) -> List[dict]:
+    """The rows of what `reconstruct` returns: with interpolation where the card weighs it in
+    (at the default steps), else the network alone."""
+    interpolated = {(r["shape"], r["setting"], r["steps"]) for r in results if r["method"] == "maml_interpolated"}
+    return [r for r in results if r["method"] == "maml_interpolated"
+            or (r["method"] == "maml" and (r["shape"], r["setting"], r["steps"]) not in interpolated)]
+
+
 def _mean(results: Sequence[dict], key: str, setting: str, steps: int) -> float:
-    return float(np.mean([r[key] for r in results if r["setting"] == setting and r["steps"] == steps]))
+    return float(np.mean([r[key] for r in _output_rows(results) if r["setting"] == setting and r["steps"] == steps]))
 
 
 def header(name: str, shapes: int, config: dict) -> str:

@@ -157,18 +157,12 @@ def _search_box(drawn: np.ndarray, planes: dict) -> Tuple[slice, slice, slice]:
     return tuple(box)
 
 
-def signed_distance_interpolation(sparse_mask: np.ndarray, planes: PlanesLike,
-                                  geometry: Optional[Geometry] = None) -> np.ndarray:
-    """Shape-based interpolation of signed distances; uint8 0/1 indexed (i, j, k).
-
-    For each orientation with at least two observed planes, the 2-D signed distance (mm, from the
-    grid spacing; negative inside) of each plane is interpolated linearly between consecutive
-    planes. A plane with no foreground (or no background) has no boundary; it counts as lying
-    one plane gap (mm) outside (or inside) everywhere, so a structure ends between its last drawn
-    plane and the next empty one, further out where its cross-section is larger. Several
-    orientations: the distances of the orientations whose planes bracket a voxel are averaged
-    (in mm, so they are comparable); a voxel that no orientation brackets is background.
-    An orientation with a single plane adds only that plane. The observed planes keep the drawing."""
+def interpolated_signed_distance(sparse_mask: np.ndarray, planes: PlanesLike, geometry: Optional[Geometry] = None
+                                 ) -> Tuple[np.ndarray, Tuple[slice, slice, slice]]:
+    """The field behind `signed_distance_interpolation`, on the box outside which it is positive
+    (`_search_box`): (float32 mm, negative inside, indexed (i, j, k) from the box's corner, NaN
+    where no orientation's planes bracket a voxel; the box). `reconstruct` adds it to the
+    network's evidence; only the box is held, however large the image."""
     drawn, checked, spacing = _checked_inputs(sparse_mask, planes, geometry)
     box = _search_box(drawn, checked)
     region = drawn[box]
@@ -198,9 +192,26 @@ def signed_distance_interpolation(sparse_mask: np.ndarray, planes: PlanesLike,
                 weight = (t - a) / (b - a)
                 moved_total[t] += (1.0 - weight) * ends[0] + weight * ends[1]
                 moved_count[t] += 1
-    inside = np.zeros(region.shape, dtype=bool)
     defined = count > 0
-    inside[defined] = total[defined] < 0  # the mean is negative where the sum is
+    total[defined] /= count[defined]
+    total[~defined] = np.nan
+    return total, box
+
+
+def signed_distance_interpolation(sparse_mask: np.ndarray, planes: PlanesLike,
+                                  geometry: Optional[Geometry] = None) -> np.ndarray:
+    """Shape-based interpolation of signed distances; uint8 0/1 indexed (i, j, k).
+
+    For each orientation with at least two observed planes, the 2-D signed distance (mm, from the
+    grid spacing; negative inside) of each plane is interpolated linearly between consecutive
+    planes. A plane with no foreground (or no background) has no boundary; it counts as lying
+    one plane gap (mm) outside (or inside) everywhere, so a structure ends between its last drawn
+    plane and the next empty one, further out where its cross-section is larger. Several
+    orientations: the distances of the orientations whose planes bracket a voxel are averaged
+    (in mm, so they are comparable); a voxel that no orientation brackets is background.
+    An orientation with a single plane adds only that plane. The observed planes keep the drawing."""
+    drawn, checked, _ = _checked_inputs(sparse_mask, planes, geometry)
+    distance, box = interpolated_signed_distance(sparse_mask, planes, geometry)
     output = np.zeros(drawn.shape, dtype=np.uint8)
-    output[box] = inside
+    output[box] = distance < 0  # NaN: background
     return keep_drawn_planes(output, drawn, checked)

@@ -226,7 +226,8 @@ def _table(header: List[str], rows: List[List[str]]) -> str:
 
 def compare_methods(truth, geometry, prior, trained: bool, settings, repeats: int, device: str = "cpu"):
     """Rows of the main table: ours (1 step, default steps; in float32 too where the default
-    precision is another), Fill between slices, SDF interpolation."""
+    precision is another; the network alone too where the card weighs interpolation in), Fill
+    between slices, SDF interpolation."""
     import torch
 
     from .baselines import fill_between_slices, signed_distance_interpolation
@@ -237,12 +238,17 @@ def compare_methods(truth, geometry, prior, trained: bool, settings, repeats: in
     for axis_name, step in settings:
         sparse, planes, spec = sparse_input(truth, geometry, axis_name, step)
         step_counts = [1] + ([prior.default_steps] if prior.default_steps != 1 else [])
-        for steps, precision in product(step_counts, precisions):
+        runs = [(steps, precision, None) for steps, precision in product(step_counts, precisions)]
+        if prior.adaptation["interpolation_weight"] > 0:  # the card's interpolation against the network alone
+            runs.insert(runs.index((step_counts[-1], "auto", None)) + 1, (step_counts[-1], "auto", 0.0))
+        for steps, precision, interpolation in runs:
             call = partial(reconstruct, sparse, geometry, prior, steps=steps, slices=spec, device=device,
-                           precision=precision)
+                           precision=precision, interpolation=interpolation)
             first, median, result = _timed(call, repeats)
             timings = result.report["timings_s"]
-            rows.append([f"ours, {steps} step{'s' if steps != 1 else ''}, {result.report['precision']}", spec,
+            variant = (" + interpolation" if result.report["interpolation"]["logits_per_mm"] > 0
+                       else ", network alone" if interpolation == 0 else "")
+            rows.append([f"ours, {steps} step{'s' if steps != 1 else ''}, {result.report['precision']}{variant}", spec,
                          f"{median:.3f}", f"{first:.3f}", f"{timings['adapt']:.3f} + {timings['evaluate']:.3f}",
                          _fmt_dice(dice(result.labels, truth), trained),
                          f"{result.report['evaluation']['network_evaluations']:,}"])

@@ -2,7 +2,7 @@
 
     metashaperecon reconstruct INPUT OUTPUT [--prior NAME|PATH] [--steps N|auto]
         [--slices auto | AXIS:STEP[:OFFSET]] [--label N] [--device auto|cpu|cuda]
-        [--precision auto|float32|bfloat16]
+        [--precision auto|float32|bfloat16] [--interpolation W]
         [--surface MESH] [--report REPORT.json] [--output-spacing MM] ...
     metashaperecon demo [--output-dir DIR]
     metashaperecon priors
@@ -85,6 +85,9 @@ def add_reconstruction_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="network arithmetic: auto (bfloat16 on CPUs with native bfloat16, else float32), "
                              "float32 or bfloat16")
+    parser.add_argument("--interpolation", type=float, default=None, metavar="W",
+                        help="weight of shape-based interpolation between parallel drawn planes, in logits per mm "
+                             "at 8 mm gaps (0: the network alone; default: the prior's)")
     parser.add_argument("--output-spacing", type=float, default=None, metavar="MM",
                         help="write the output on a grid this fine over the input's extent")
     parser.add_argument("--evaluation", choices=("coarse-to-fine", "dense"), default="coarse-to-fine",
@@ -113,7 +116,8 @@ def run_reconstruct(args) -> dict:
     output_geometry = geometry.resampled(args.output_spacing) if args.output_spacing else None
     result = reconstruct(labels, geometry, prior, steps=args.steps, slices=args.slices, label=args.label,
                          device=args.device, output_geometry=output_geometry, evaluation=args.evaluation,
-                         progress=ProgressLine(not args.quiet), precision=args.precision)
+                         progress=ProgressLine(not args.quiet), precision=args.precision,
+                         interpolation=args.interpolation)
     surface_started = time.perf_counter()
     polydata = surface_from_labelmap(result.labels, result.geometry, args.smoothing) if args.surface else None
     surfaced = time.perf_counter()
@@ -137,7 +141,11 @@ def run_reconstruct(args) -> dict:
 def summary(report: dict) -> str:
     planes = ", ".join(f"{p['count']} {p['axis']}" for p in report["observed_planes"])
     t = report["timings_s"]
-    return (f"{report['prior']} prior, {report['steps']} step(s) on {report['device']}, {report['precision']}; observed planes: {planes}; "
+    interpolation = report.get("interpolation", {})
+    interpolated = (f", with interpolation ({interpolation['logits_per_mm']:.3g} logits/mm)"
+                    if interpolation.get("logits_per_mm") else "")
+    return (f"{report['prior']} prior, {report['steps']} step(s) on {report['device']}, {report['precision']}"
+            f"{interpolated}; observed planes: {planes}; "
             f"Dice on drawn planes {report['dice_observed_planes']:.3f}; "
             f"adapt {t['adapt']:.3f} s, evaluate {t['evaluate']:.3f} s, total {t.get('total', 0):.2f} s")
 

@@ -90,6 +90,44 @@ class OccupancyNetwork:
         return result
 
 
+class WithInterpolation:
+    """An adapted network's evidence plus shape-based interpolation's: at each point, the
+    network's logit minus `weight` times the interpolated signed distance (mm, negative inside;
+    `baselines.interpolated_signed_distance`) of the input voxel the point falls in. `distance`
+    covers the input voxels from index `start` on; outside it, where the distance is undefined
+    (no planes bracket the voxel) and outside the canonical cube the network alone decides.
+    Stands in for the network wherever `evaluate_grid` takes one."""
+
+    def __init__(self, network: OccupancyNetwork, distance: np.ndarray, start: Sequence[int], weight: float,
+                 affine: Tuple[np.ndarray, np.ndarray]):
+        self.network = network
+        self.distance = distance
+        self.start = np.asarray(start, dtype=np.int64)
+        self.weight = float(weight)
+        matrix, offset = affine  # canonical = ijk @ matrix.T + offset on the input grid
+        self.to_index = np.linalg.inv(np.asarray(matrix, dtype=np.float64))
+        self.origin = np.asarray(offset, dtype=np.float64)
+
+    @property
+    def evaluated(self) -> int:
+        return self.network.evaluated
+
+    def probabilities(self, canonical: np.ndarray) -> np.ndarray:
+        canonical = np.asarray(canonical, dtype=np.float32).reshape(-1, 3)
+        result = self.network.probabilities(canonical)
+        ijk = np.rint((canonical.astype(np.float64) - self.origin) @ self.to_index.T).astype(np.int64) - self.start
+        size = np.asarray(self.distance.shape)
+        usable = np.all((ijk >= 0) & (ijk < size), axis=1) & np.all(np.abs(canonical) <= 1.0, axis=1)
+        distance = np.full(len(canonical), np.nan, dtype=np.float32)
+        distance[usable] = self.distance[tuple(ijk[usable].T)]
+        known = np.flatnonzero(~np.isnan(distance))
+        if len(known):
+            p = np.clip(result[known], 1e-7, 1 - 1e-7)
+            fused = np.log(p) - np.log1p(-p) - self.weight * distance[known]
+            result[known] = 0.5 + 0.5 * np.tanh(0.5 * fused)  # the sigmoid, without overflow
+        return result
+
+
 def _blocks(box: Tuple[slice, ...], block: int):
     ranges = [range(b.start, b.stop, block) for b in box]
     for i in ranges[0]:

@@ -4,7 +4,8 @@ Slicer module and the benchmarks share.
 1. the structure's mask and its observed planes (given, or found in the drawing);
 2. the case placed in the prior's canonical frame, centred on the observed foreground;
 3. the prior adapted to the observed voxels (whole planes: foreground and background);
-4. the adapted network evaluated on the output grid, coarse-to-fine;
+4. the adapted network evaluated on the output grid, coarse-to-fine, with the evidence of
+   shape-based interpolation between the observed planes where the card weighs it in;
 5. on the observed planes, the output keeps what the user drew, and the parts of the output
    that touch nothing drawn are removed.
 """
@@ -17,10 +18,11 @@ import numpy as np
 import torch
 
 from .adaptation import Progress, report, steps_until_converged, take_steps
+from .baselines import interpolated_signed_distance
 from .errors import InputError
 from .frame import CanonicalFrame, centre_frame, fits_in_frame, observed_foreground_points
 from .geometry import Geometry
-from .occupancy import OccupancyNetwork, evaluate_grid
+from .occupancy import OccupancyNetwork, WithInterpolation, evaluate_grid
 from .planes import ObservedPlanes, describe_planes, finish_on_drawing, observed_mask, select_planes
 from .prior import Prior
 
@@ -161,16 +163,52 @@ def _drawn_dice(prediction: np.ndarray, mask: np.ndarray, planes: ObservedPlanes
     return dice(prediction[box][observed], mask[box][observed])
 
 
+INTERPOLATION_REFERENCE_GAP_MM = 8.0
+INTERPOLATION_GAP_POWER = 4
+
+
+def plane_gap_mm(planes: ObservedPlanes, geometry: Geometry) -> Optional[float]:
+    """The widest median gap (mm) between consecutive observed planes over the orientations
+    that have two or more; None where none has (nothing to interpolate between)."""
+    gaps = [float(np.median(np.diff(np.unique(indices)))) * float(geometry.spacing[axis])
+            for axis, indices in planes.items() if len(np.unique(indices)) > 1]
+    return max(gaps) if gaps else None
+
+
+def interpolation_weight(weight: float, gap_mm: Optional[float]) -> float:
+    """Logits per mm of interpolated signed distance at this drawing's plane gap: the card's
+    weight (at 8 mm) times (8 mm / gap)^4. Interpolation is close to the truth between close
+    planes and degrades fast with the gap (across 16 mm it is behind the network on coronal and
+    axial planes of the left atrium and pancreas); the power was chosen on validation shapes
+    (docs/TRAINING.md, "Interpolation between parallel planes")."""
+    if not weight or gap_mm is None:
+        return 0.0
+    return float(weight) * (INTERPOLATION_REFERENCE_GAP_MM / gap_mm) ** INTERPOLATION_GAP_POWER
+
+
+def interpolation_evidence(mask: np.ndarray, planes: ObservedPlanes, geometry: Geometry, frame: CanonicalFrame,
+                           weight: float) -> Optional[tuple]:
+    """The arguments of `WithInterpolation` after the network (distance, start, weight, affine),
+    or None where the weight is 0: the network alone."""
+    if weight <= 0:
+        return None
+    distance, box = interpolated_signed_distance(mask, planes, geometry)
+    return distance, [b.start for b in box], weight, frame.index_affine(geometry)
+
+
 def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Union[int, str, None] = None,
                 slices: str = "auto", label: Optional[int] = None, device: str = "auto",
                 output_geometry: Optional[Geometry] = None, evaluation: str = "coarse-to-fine",
-                progress: Optional[Progress] = None, seed: int = 0, precision: str = "auto") -> Reconstruction:
+                progress: Optional[Progress] = None, seed: int = 0, precision: str = "auto",
+                interpolation: Optional[float] = None) -> Reconstruction:
     """Reconstruct the complete structure from a sparse labelmap.
 
     labels: integer array indexed (i, j, k) on `geometry`; steps: an int (`Prior.adaptation_steps`:
     the meta-learned steps, then Adam), "auto" (until the context loss stops improving) or None
     (the prior's default);
     precision: "auto", "float32" or "bfloat16" (`resolve_precision`);
+    interpolation: the weight of shape-based interpolation's evidence (`interpolation_weight`;
+    0: the network alone; None: the card's `adaptation.interpolation_weight`);
     progress(step, total, loss) -> bool is called through adaptation and evaluation and may
     cancel by returning False. Raises InputError on unusable input, Cancelled on cancel."""
     started = time.perf_counter()
@@ -189,6 +227,9 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
     output_geometry = output_geometry or geometry
     torch_device = resolve_device(device)
     precision = check_precision(precision)
+    card_weight = prior.adaptation["interpolation_weight"] if interpolation is None else float(interpolation)
+    if not (card_weight >= 0 and np.isfinite(card_weight)):
+        raise InputError(f"--interpolation {interpolation!r}: expected a number >= 0")
 
     mask = structure_mask(labels, label)
     planes = select_planes(slices, mask, geometry)
@@ -201,13 +242,19 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
         warnings.append(f"the drawn structure is larger than the prior's {prior.frame_spec.extent_mm} mm frame; "
                         "parts outside it are not reconstructed")
 
+    interpolating = time.perf_counter()
+    gap = plane_gap_mm(planes, geometry)
+    weight = interpolation_weight(card_weight, gap)
+    evidence = interpolation_evidence(mask, planes, geometry, frame, weight)
+    interpolate_seconds = time.perf_counter() - interpolating
+
     attempts = [torch_device]
     if device in (None, "auto") and torch_device.type == "cuda":
         attempts.append(torch.device("cpu"))  # graceful fallback when the GPU is too small
     for attempt in attempts:
         try:
             result = _adapt_and_evaluate(prior, attempt, coords, target, seed, fixed_steps, auto_steps,
-                                         frame, output_geometry, evaluation, progress, precision)
+                                         frame, output_geometry, evaluation, progress, precision, evidence)
             torch_device = attempt
             break
         except torch.OutOfMemoryError:
@@ -217,6 +264,8 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
                 raise InputError(f"out of memory on {attempt}: try --device cpu or a coarser --output-spacing") from None
             warnings.append("the GPU ran out of memory; reconstructed on the CPU instead")
     output, losses, network, timings, steps_taken, context = result
+    if evidence is not None:
+        timings = dict(interpolate=interpolate_seconds, **timings)
 
     same_grid = output_geometry.same_grid(geometry)
     if same_grid:
@@ -242,6 +291,7 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
                            "used_each_later_step": int(context.later_points)},
         "frame": {"centre_lps_mm": list(frame.centre), "extent_mm": list(prior.frame_spec.extent_mm)},
         "loss": losses,
+        "interpolation": {"weight": card_weight, "plane_gap_mm": gap, "logits_per_mm": weight},
         "dice_observed_planes": drawn_dice,
         "evaluation": {"method": evaluation, "network_evaluations": network.evaluated},
         "output": dict(output_geometry.to_dict(), foreground_voxels=int(output.sum()),
@@ -255,7 +305,7 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
 
 def _adapt_and_evaluate(prior: Prior, device: torch.device, coords: np.ndarray, target: np.ndarray, seed: int,
                         fixed_steps: int, auto_steps: bool, frame: CanonicalFrame, output_geometry: Geometry,
-                        evaluation: str, progress: Optional[Progress], precision: str):
+                        evaluation: str, progress: Optional[Progress], precision: str, evidence=None):
     adaptation = prior.adaptation
     auto = adaptation["auto"]
     blocks = _block_count(frame, output_geometry)
@@ -285,7 +335,8 @@ def _adapt_and_evaluate(prior: Prior, device: torch.device, coords: np.ndarray, 
     def evaluate_progress(step, _total, loss):
         return progress is None or progress(adapt_total + step, total, None)
 
-    output = evaluate_grid(network, frame, output_geometry, method=evaluation, progress=evaluate_progress)
+    field = network if evidence is None else WithInterpolation(network, *evidence)
+    output = evaluate_grid(field, frame, output_geometry, method=evaluation, progress=evaluate_progress)
     report(progress, total, total)
     timings = {"adapt": adapted - started, "evaluate": time.perf_counter() - adapted}
     return output, losses, network, timings, steps_taken, context

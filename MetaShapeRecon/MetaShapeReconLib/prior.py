@@ -38,6 +38,7 @@ DEFAULT_ADAPTATION = {
     "first_step_scale": 1.0,
     "fresh_context": False,
     "later_context_points": None,  # fresh_context only: the points of each step after the first (None: context_points)
+    "interpolation_weight": 0.0,  # logits per mm of shape-based interpolation at 8 mm plane gaps (pipeline.py)
     "auto": {"optimizer": "adam", "lr": 1e-4, "patience": 10, "max_steps": 1000},
 }
 
@@ -65,7 +66,8 @@ def check_adaptation(card: Mapping) -> None:
               ("context_points", merged["context_points"], int, 1),
               ("weight_decay", merged["weight_decay"], float, 0.0), ("auto.lr", auto["lr"], float, 0.0),
               ("auto.patience", auto["patience"], int, 1), ("auto.max_steps", auto["max_steps"], int, 0),
-              ("first_step_scale", merged["first_step_scale"], float, 0.0)]
+              ("first_step_scale", merged["first_step_scale"], float, 0.0),
+              ("interpolation_weight", merged["interpolation_weight"], float, 0.0)]
     if "inner_lr" in merged:
         checks.append(("inner_lr", merged["inner_lr"], float, 0.0))
     if not isinstance(merged["fresh_context"], bool):

@@ -324,6 +324,7 @@ class ReconstructionJob:
     single: bool  # the caller named one segment id: return one id, not a list
     timings: Dict[str, float] = field(default_factory=dict)
     precision: str = "auto"
+    interpolation: Optional[float] = None  # None: the prior's card
 
 
 @dataclass
@@ -362,7 +363,8 @@ def _segment_ids(segmentation, segment_id) -> Tuple[List[str], bool]:
 
 def prepare(segmentation_node, segment_id=None, reference_volume_node=None, prior="kidney", steps=None,
             slices: str = "auto", device: str = "auto", output: str = "new_segment", show_3d: bool = True,
-            export_model: bool = False, precision: str = "auto") -> ReconstructionJob:
+            export_model: bool = False, precision: str = "auto",
+            interpolation: Optional[float] = None) -> ReconstructionJob:
     """Read the segments to reconstruct (main thread; the scene is not modified).
 
     segment_id: one id (str), a list of ids, or None for every segment of the node."""
@@ -393,7 +395,8 @@ def prepare(segmentation_node, segment_id=None, reference_volume_node=None, prio
         reference_volume_node_id=reference_volume_node.GetID() if reference_volume_node is not None else None,
         grid=grid, segments=segments, prior=prior, steps=steps, slices=slices or "auto", device=device or "auto",
         output=output, show_3d=bool(show_3d), export_model=bool(export_model), single=single,
-        timings={"read": time.perf_counter() - started}, precision=precision or "auto")
+        timings={"read": time.perf_counter() - started}, precision=precision or "auto",
+        interpolation=interpolation)
 
 
 def _load(prior):
@@ -436,7 +439,8 @@ def compute(job: ReconstructionJob, progress: Optional[Progress] = None,
             on_segment(index, count, segment.name)
         try:
             result = reconstruct(segment.labels, job.grid.geometry, prior, steps=job.steps, slices=job.slices,
-                                 device=job.device, progress=segment_progress, precision=job.precision)
+                                 device=job.device, progress=segment_progress, precision=job.precision,
+                                 interpolation=job.interpolation)
         except InputError as error:
             raise InputError(f"segment '{segment.name}': {error}") from None
         if not segment.on_lattice:
@@ -692,7 +696,7 @@ def apply(job: ReconstructionJob, computed: ComputedReconstruction) -> Reconstru
 def reconstruct_segment(segmentation_node, segment_id=None, reference_volume_node=None, prior="kidney",
                         steps=None, slices: str = "auto", device: str = "auto", output: str = "new_segment",
                         progress: Optional[Progress] = None, show_3d: bool = True, export_model: bool = False,
-                        precision: str = "auto"):
+                        precision: str = "auto", interpolation: Optional[float] = None):
     """Reconstruct the complete 3-D shape of sparsely drawn segments, in the scene.
 
     segmentation_node: a vtkMRMLSegmentationNode; segment_id: a segment id (str), a list of ids,
@@ -701,7 +705,9 @@ def reconstruct_segment(segmentation_node, segment_id=None, reference_volume_nod
     name, a .safetensors path or a loaded Prior. steps: adaptation steps (None: the prior's
     default; "auto": until converged). slices: "auto" (find the drawn planes) or
     "AXIS:STEP[:OFFSET]". device: "auto", "cpu" or "cuda". precision: "auto" (bfloat16 on CPUs
-    with native bfloat16, else float32), "float32" or "bfloat16". output: "new_segment" (a segment
+    with native bfloat16, else float32), "float32" or "bfloat16". interpolation: the weight of
+    shape-based interpolation between parallel drawn planes (None: the prior's; 0: the network
+    alone). output: "new_segment" (a segment
     "<name> (reconstructed)" in the same segmentation), "new_segmentation" (a new node beside the
     input) or "replace" (the input segment's voxels; no other segment is touched).
     progress(step, total, loss) -> bool may cancel by returning False.
@@ -710,7 +716,8 @@ def reconstruct_segment(segmentation_node, segment_id=None, reference_volume_nod
     ReconstructionResult). Raises InputError (a message for the user) or Cancelled, and then
     the scene is as it was."""
     job = prepare(segmentation_node, segment_id, reference_volume_node, prior=prior, steps=steps, slices=slices,
-                  device=device, output=output, show_3d=show_3d, export_model=export_model, precision=precision)
+                  device=device, output=output, show_3d=show_3d, export_model=export_model, precision=precision,
+                  interpolation=interpolation)
     computed = compute(job, progress)
     result = apply(job, computed)
     return (result.segment_ids[0] if job.single else list(result.segment_ids)), result

@@ -18,19 +18,28 @@ def test_bench_short_prints_the_tables(tmp_path):
     from MetaShapeReconLib.pipeline import native_bfloat16
     from MetaShapeReconLib.prior import load_prior
 
-    # the default precision, and float32 beside it where the default is bfloat16
+    # the default precision, and float32 beside it where the default is bfloat16; the card's
+    # interpolation, and the network alone beside it after the default steps
     precisions = ["bfloat16", "float32"] if native_bfloat16() else ["float32"]
-    for row in [f"| ours, 1 step, {p} |" for p in precisions] + [
+    for row in [f"| ours, 1 step, {p} + interpolation |" for p in precisions] + [
             "| Fill between slices |", "| signed-distance interpolation |", "| coarse-to-fine |", "| dense |",
             "| 256 x 256 x 300 |"]:
         assert row in out, f"missing row {row!r} in:\n{out}"
     assert "failed" not in out
     # the bundled kidney prior on the bundled sample: real Dice values, not an untrained stand-in
     assert "prior: kidney" in out and "untrained SIREN" not in out
+    steps = load_prior("kidney").default_steps
+
+    def dice_of(row):
+        found = [line for line in out.splitlines() if line.startswith(row)]
+        assert len(found) == 1, (row, out)
+        return float(found[0].split("|")[6])
+
     for precision in precisions:
-        default = f"| ours, {load_prior('kidney').default_steps} steps, {precision} |"  # the prior's default
-        ours = [line for line in out.splitlines() if line.startswith(default)]
-        assert ours and all(0.8 < float(line.split("|")[6]) <= 1.0 for line in ours), (default, out)
+        assert 0.8 < dice_of(f"| ours, {steps} steps, {precision} + interpolation |") <= 1.0
+    # planes every 8 mm on the sample: interpolation's evidence adds to the network's
+    alone = dice_of(f"| ours, {steps} steps, {precisions[0]}, network alone |")
+    assert 0.8 < alone < dice_of(f"| ours, {steps} steps, {precisions[0]} + interpolation |")
 
 
 def test_bench_rejects_a_missing_prior_in_full_mode(tmp_path):

@@ -148,3 +148,36 @@ def test_cancel_between_blocks(fitted):
     with pytest.raises(Cancelled):
         evaluate_grid(OccupancyNetwork(params, OMEGA), FRAME, GRID, block=64,
                       progress=lambda done, total, _loss: done < 2)
+
+
+def test_interpolation_evidence_moves_the_decision_only_where_its_distance_is_defined(fitted):
+    """WithInterpolation: the network's probability wherever the distance is NaN (no planes bracket
+    the voxel), the interpolation's sign where its weight dominates, the sum of both logits between."""
+    from MetaShapeReconLib.occupancy import WithInterpolation
+
+    params, truth = fitted
+    network = OccupancyNetwork(params, OMEGA, "cpu")
+    affine = FRAME.index_affine(GRID)
+    # a made-up field: defined on the lower half of axis 0 only, -5 mm (inside) on a slab, +5 elsewhere
+    distance = np.full(GRID.size, np.nan, np.float32)
+    distance[:64] = 5.0
+    distance[:64, 40:60] = -5.0
+    alone = evaluate_grid(network, FRAME, GRID, method="dense")
+    with_evidence = evaluate_grid(WithInterpolation(network, distance, (0, 0, 0), 100.0, affine), FRAME, GRID,
+                                  method="dense")
+    np.testing.assert_array_equal(with_evidence[64:], alone[64:])
+    np.testing.assert_array_equal(with_evidence[:64], np.broadcast_to(distance[:64] < 0, (64, 128, 128)))
+    # a field held on a box of the grid (from index 20 along axis 0): the network outside it, coarse-to-fine
+    boxed = evaluate_grid(WithInterpolation(network, distance[20:100], (20, 0, 0), 100.0, affine), FRAME, GRID)
+    np.testing.assert_array_equal(boxed[:20], alone[:20])
+    np.testing.assert_array_equal(boxed[20:], with_evidence[20:])
+
+    # a small weight: the logits add up (p = sigmoid(logit - w d))
+    points = np.array([[-0.6, 0.0, 0.0], [-0.6, -0.6, 0.0], [0.6, 0.0, 0.0]], np.float32)
+    p = network.probabilities(points)
+    fused = WithInterpolation(network, distance, (0, 0, 0), 0.1, affine).probabilities(points)
+    ijk = np.rint((points - affine[1]) @ np.linalg.inv(affine[0]).T).astype(int)
+    d = distance[tuple(ijk.T)]
+    expected = 1 / (1 + np.exp(-(np.log(p / (1 - p)) - 0.1 * np.nan_to_num(d))))
+    np.testing.assert_allclose(fused, expected, rtol=1e-4, atol=1e-6)
+    assert np.isnan(d[2]) and fused[2] == p[2] and not np.isnan(d[:2]).any()

@@ -19,7 +19,7 @@ from MetaShapeReconLib.pipeline import (
     structure_mask,
 )
 from MetaShapeReconLib.planes import select_planes
-from MetaShapeReconLib.prior import load_prior
+from MetaShapeReconLib.prior import check_adaptation, load_prior
 from shapes import ellipsoid, sparse_planes
 
 
@@ -188,6 +188,51 @@ def test_bad_input(small_case):
     for labels, options, phrase in cases:
         with pytest.raises(InputError, match=phrase):
             reconstruct(labels, geometry, prior, **options)
+
+
+def test_interpolation_weighs_in_shape_based_interpolation_between_parallel_planes(small_case):
+    """--interpolation W: between parallel planes the output follows the interpolated signed
+    distance where W makes it dominate, with the weight scaled to the drawing's plane gap; the
+    report says what was used; W = 0 (and the card's default) is the network alone."""
+    from MetaShapeReconLib.baselines import interpolated_signed_distance
+
+    sparse, geometry, mask, prior = small_case
+    assert prior.adaptation["interpolation_weight"] == 0
+    alone = reconstruct(sparse, geometry, prior, steps=1, device="cpu")
+    assert alone.report["interpolation"] == {"weight": 0.0, "plane_gap_mm": 6.0, "logits_per_mm": 0.0}
+    assert "interpolate" not in alone.report["timings_s"]
+    np.testing.assert_array_equal(reconstruct(sparse, geometry, prior, steps=1, device="cpu",
+                                              interpolation=0).labels, alone.labels)
+
+    strong = reconstruct(sparse, geometry, prior, steps=1, device="cpu", interpolation=1e4)
+    assert strong.report["interpolation"] == {"weight": 1e4, "plane_gap_mm": 6.0,
+                                              "logits_per_mm": pytest.approx(1e4 * (8 / 6) ** 4)}
+    assert strong.report["timings_s"]["interpolate"] > 0
+    planes = select_planes("auto", sparse, geometry)
+    in_box, box = interpolated_signed_distance(sparse, planes, geometry)
+    distance = np.full(geometry.size, np.nan, np.float32)
+    distance[box] = in_box
+    decided = np.abs(np.nan_to_num(distance, nan=0.0)) >= 0.5  # the evidence outweighs any network logit
+    assert decided[mask.astype(bool)].mean() > 0.8  # most of the structure
+    np.testing.assert_array_equal(strong.labels[decided], (distance[decided] < 0).astype(np.uint8))
+    assert dice(strong.labels, mask) > dice(alone.labels, mask) + 0.1  # the untrained network alone is poor
+
+    # one plane per axis: nothing to interpolate between, the network alone
+    orthogonal = np.zeros_like(sparse)
+    centre = [n // 2 for n in geometry.size]
+    orthogonal[centre[0]], orthogonal[:, centre[1]], orthogonal[:, :, centre[2]] = (
+        mask[centre[0]], mask[:, centre[1]], mask[:, :, centre[2]])
+    rule = f"i:100:{centre[0]},j:100:{centre[1]},k:100:{centre[2]}"
+    single = reconstruct(orthogonal, geometry, prior, steps=1, slices=rule, device="cpu", interpolation=1e4)
+    assert single.report["interpolation"] == {"weight": 1e4, "plane_gap_mm": None, "logits_per_mm": 0.0}
+    np.testing.assert_array_equal(single.labels, reconstruct(orthogonal, geometry, prior, steps=1, slices=rule,
+                                                             device="cpu").labels)
+    for bad in (-1, float("nan")):
+        with pytest.raises(InputError, match="expected a number >= 0"):
+            reconstruct(sparse, geometry, prior, interpolation=bad)
+    card = dict(prior.card, adaptation=dict(prior.card.get("adaptation", {}), interpolation_weight=-2))
+    with pytest.raises(ValueError, match="interpolation_weight = -2 is not a number >= 0"):
+        check_adaptation(card)
 
 
 def test_label_chooses_the_structure():

@@ -437,7 +437,7 @@ def test_compute_runs_without_touching_mrml_and_apply_writes(scene, quick_prior,
     volume = add_volume(scene, blob_geometry)
     node = add_segmentation(scene, volume)
     left_id = draw(node, volume, "left", sparse_planes(left, 0, 6, 2))
-    job = prepare(node, left_id, prior=quick_prior, slices="sagittal:6:2")
+    job = prepare(node, left_id, prior=quick_prior, slices="sagittal:6:2", interpolation=4)
     computed = {}
     worker = threading.Thread(target=lambda: computed.setdefault("result", compute(job)))
     worker.start()
@@ -445,6 +445,8 @@ def test_compute_runs_without_touching_mrml_and_apply_writes(scene, quick_prior,
     result = apply(job, computed["result"])
     assert result.segment_ids and node.GetSegmentation().GetSegment(result.segment_ids[0]) is not None
     assert result.reports[0]["observed_planes"][0]["pattern"] == "sagittal:6:2"
+    assert result.reports[0]["interpolation"] == {"weight": 4.0, "plane_gap_mm": pytest.approx(6 * blob_geometry.spacing[0]),
+                                                  "logits_per_mm": pytest.approx(4 * (8 / (6 * blob_geometry.spacing[0])) ** 4)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,12 +470,13 @@ def failing_calls(tmp_path, quick_prior):
         "bad output": (dict(output="overwrite_everything"), InputError),
         "unavailable device": (dict(device="cuda:7"), InputError),
         "unknown precision": (dict(precision="float16"), InputError),
+        "negative interpolation": (dict(interpolation=-1.0), InputError),
     }
 
 
 @pytest.mark.parametrize("case", ["missing prior", "corrupt prior", "unknown prior name", "empty segment",
                                   "unknown segment", "cancel", "cancel in second segment", "bad slices", "bad output",
-                                  "unavailable device", "unknown precision"])
+                                  "unavailable device", "unknown precision", "negative interpolation"])
 @pytest.mark.parametrize("output", ["new_segment", "new_segmentation", "replace"])
 def test_failing_call_leaves_the_scene_unchanged(scene, quick_prior, blob_geometry, tmp_path, case, output):
     left, right = two_blobs(blob_geometry)

@@ -1,5 +1,6 @@
 """training/: context voxels, frame round trip, loss values, MAML learning, export -> engine."""
 
+import argparse
 import json
 import math
 import os
@@ -326,6 +327,58 @@ def test_the_whole_protocol_records_ours_after_the_default_steps(tmp_path):
     assert _at_step(rows, "maml", "sagittal:6", 4) == [ours[4]["dice"]]
 
 
+def test_evaluate_and_tune_measure_the_cards_interpolation_as_reconstruct_applies_it(tmp_path):
+    """A card with interpolation_weight: evaluate adds "Ours + interpolation" after the default
+    steps where parallel planes are drawn (not for single planes), beside the network alone;
+    the tables and summary carry it, and tune scores what `reconstruct` returns."""
+    from MetaShapeReconLib.pipeline import dice, reconstruct
+
+    from training.evaluate import evaluate_settings, setting_planes, write_results
+    from training.tune import tune
+    from training.validate import sparse_input
+
+    config = small_config(**{"maml.iterations": 2, "validation.slices": "sagittal:6",
+                             "evaluate.settings": ["sagittal:6", "orthogonal"]})
+    path = train_maml(config, str(tmp_path / "run"), shapes=shapes_from_family(4))
+    prior = load_prior(path)
+    card = json.loads(json.dumps(prior.card))
+    card.setdefault("adaptation", {})["interpolation_weight"] = 12.0
+    weighted = prior.with_card(card)
+    shapes = shapes_from_family(2, seed=5)
+    rows = evaluate_settings(shapes, ["sagittal:6", "orthogonal"], {"maml": weighted}, config,
+                             torch.device("cpu"), "interpolation")
+    default = weighted.default_steps
+    added = [r for r in rows if r["method"] == "maml_interpolated"]
+    assert sorted((r["shape"], r["setting"], r["steps"]) for r in added) == sorted(
+        (s.name, "sagittal:6", default) for s in shapes)
+    # the same output as reconstruct's, on the planes evaluate drew
+    planes = setting_planes("sagittal:6", shapes[0], np.random.default_rng(int(config["seed"])))
+    (axis, indices), = planes.items()
+    product = reconstruct(sparse_input(shapes[0].mask, planes), shapes[0].geometry, weighted,
+                          slices=f"{'ijk'[axis]}:6:{int(indices[0])}", device="cpu")
+    assert product.report["interpolation"]["logits_per_mm"] == pytest.approx(12.0 * (8 / 6) ** 4)
+    first = next(r for r in added if r["shape"] == shapes[0].name)
+    assert first["dice"] == pytest.approx(dice(product.labels, shapes[0].mask), abs=0.01)
+
+    out = tmp_path / "evaluation"
+    out.mkdir()
+
+    write_results(str(out), rows, [], config, {"maml": weighted}, argparse.Namespace(prior=path, out=str(out)))
+    table = (out / "results.md").read_text()
+    assert f"Ours {default} steps + interpolation" in table and "`interpolation_weight` 12.0" in table
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["settings"]["sagittal:6"]) >= {"ours_default_steps", "ours_interpolated"}
+    assert "ours_interpolated" not in summary["settings"]["orthogonal"]
+
+    plain, with_interpolation = tune(dict(config, precision="float32"), path, "interpolation_weight=0,12", shapes)
+    network_alone = np.mean([r["dice"] for r in rows if r["method"] == "maml" and r["setting"] == "sagittal:6"
+                             and r["steps"] == default])
+    assert plain["settings"]["sagittal:6"]["dice"] == pytest.approx(network_alone, abs=1e-6)
+    assert with_interpolation["settings"]["sagittal:6"]["dice"] == pytest.approx(
+        np.mean([r["dice"] for r in added]), abs=1e-6)
+    assert with_interpolation["settings"]["orthogonal"] == plain["settings"]["orthogonal"]
+
+
 def test_a_continued_run_validates_with_its_own_reconstruction_settings(tmp_path):
     """`maml.init`: the new run's card (what validation reconstructs with) takes this config's context."""
     shapes = shapes_from_family(4)
@@ -477,7 +530,7 @@ def test_publish_gathers_evaluations_into_results_md(tmp_path):
     (folder / "dice_time.png").write_bytes(b"png")
     path = publish([f"kidney={folder}"], str(tmp_path / "docs"))
     text = open(path).read()
-    assert "| kidney | sagittal:8 | 0.810 / 1.50 | 0.930 / 0.90 (5 steps) | 0.960 / 0.70 | n/a |" in text
+    assert "| kidney | sagittal:8 | 0.810 / 1.50 | 0.930 / 0.90 (5 steps) | n/a | 0.960 / 0.70 | n/a |" in text
     assert "### Table 2" in text and "(results_kidney_dice_time.png)" in text
     assert (tmp_path / "docs" / "results_kidney_dice_time.png").read_bytes() == b"png"
 
@@ -500,6 +553,14 @@ def test_publish_gathers_evaluations_into_results_md(tmp_path):
     assert again.index("| kidney |") < again.index("| pancreas |")
     publish([], str(tmp_path / "docs"))
     assert open(path).read() == again  # nothing new: the file as it was
+
+    # a row published before the interpolation column gets an n/a cell in it
+    old = again.replace("| kidney | sagittal:8 | 0.840 / 1.50 | 0.930 / 0.90 (5 steps) | n/a | 0.960 / 0.70 | n/a |",
+                        "| kidney | sagittal:8 | 0.840 / 1.50 | 0.930 / 0.90 (5 steps) | 0.960 / 0.70 | n/a |")
+    assert old != again
+    open(path, "w").write(old)
+    publish([], str(tmp_path / "docs"))
+    assert open(path).read() == again
 
 
 def test_an_unknown_precision_is_refused_when_the_config_loads():
