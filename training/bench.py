@@ -50,6 +50,8 @@ def bench_outer_step(config: dict, prior_path: Optional[str], batches: int, firs
     iteration) per precision on `batches` meta-batches drawn from the training shapes, after
     one unreported warm-up batch each. Returns one row per batch."""
     maml = config["maml"]
+    if batches < 1:
+        raise SystemExit(f"--batches {batches}: expected 1 or more")
     if shapes is None:
         shapes = load_shapes(config["data"]["cache"], load_split(config)["train"],
                              float(config["tasks"]["boundary_mm"]))
