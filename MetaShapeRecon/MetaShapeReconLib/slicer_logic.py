@@ -500,8 +500,10 @@ class ReconstructionResult:
         dice = ", ".join(f"{d:.3f}" for d in self.dice_observed_planes.values())
         steps = sorted({int(r["steps"]) for r in self.reports})
         step_text = "/".join(str(s) for s in steps)
+        interpolated = any((r.get("interpolation") or {}).get("logits_per_mm") for r in self.reports)
         return (f"Reconstructed {names} with prior '{self.prior}' in {self.timings_s.get('total', 0.0):.2f} s "
-                f"({step_text} steps) on {self.device}; Dice on the drawn planes {dice}")
+                f"({step_text} steps{', interpolating between close slices' if interpolated else ''}) on "
+                f"{self.device}; Dice on the drawn planes {dice}")
 
     def undo(self) -> None:
         """Remove what this reconstruction added and restore what it replaced (latest first)."""

@@ -447,6 +447,7 @@ def test_compute_runs_without_touching_mrml_and_apply_writes(scene, quick_prior,
     assert result.reports[0]["observed_planes"][0]["pattern"] == "sagittal:6:2"
     assert result.reports[0]["interpolation"] == {"weight": 4.0, "plane_gap_mm": pytest.approx(6 * blob_geometry.spacing[0]),
                                                   "logits_per_mm": pytest.approx(4 * (8 / (6 * blob_geometry.spacing[0])) ** 4)}
+    assert "interpolating between close slices" in result.summary()
 
 
 # ---------------------------------------------------------------------------------------------
