@@ -103,6 +103,7 @@ def main(argv=None) -> int:
         else:
             from .autodecoder import train_autodecoder as train_method
         print(train_method(config, args.out, resume=args.resume))
+        _leave_process_group()  # not after a failure: the others may never reach the barrier
     elif args.command == "evaluate":
         from .evaluate import run_evaluation
 
@@ -122,6 +123,16 @@ def main(argv=None) -> int:
 
         print(export_prior(config, args.prior, args.name, args.results, args.out))
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: wait for every process, then close the group. A process that exits with
+    the group open can abort in the communication threads' teardown (SIGABRT)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
