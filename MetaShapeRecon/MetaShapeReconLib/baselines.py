@@ -163,7 +163,11 @@ def interpolated_signed_distance(sparse_mask: np.ndarray, planes: PlanesLike, ge
     (`_search_box`): (float32 mm, negative inside, indexed (i, j, k) from the box's corner, NaN
     where no orientation's planes bracket a voxel; the box). `reconstruct` adds it to the
     network's evidence; only the box is held, however large the image."""
-    drawn, checked, spacing = _checked_inputs(sparse_mask, planes, geometry)
+    return _interpolated_distance(*_checked_inputs(sparse_mask, planes, geometry))
+
+
+def _interpolated_distance(drawn: np.ndarray, checked: dict, spacing: Tuple[float, float, float]
+                           ) -> Tuple[np.ndarray, Tuple[slice, slice, slice]]:
     box = _search_box(drawn, checked)
     region = drawn[box]
     starts = [b.start for b in box]
@@ -210,8 +214,8 @@ def signed_distance_interpolation(sparse_mask: np.ndarray, planes: PlanesLike,
     orientations: the distances of the orientations whose planes bracket a voxel are averaged
     (in mm, so they are comparable); a voxel that no orientation brackets is background.
     An orientation with a single plane adds only that plane. The observed planes keep the drawing."""
-    drawn, checked, _ = _checked_inputs(sparse_mask, planes, geometry)
-    distance, box = interpolated_signed_distance(sparse_mask, planes, geometry)
+    drawn, checked, spacing = _checked_inputs(sparse_mask, planes, geometry)
+    distance, box = _interpolated_distance(drawn, checked, spacing)
     output = np.zeros(drawn.shape, dtype=np.uint8)
     output[box] = distance < 0  # NaN: background
     return keep_drawn_planes(output, drawn, checked)
