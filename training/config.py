@@ -79,9 +79,12 @@ DEFAULTS: Dict[str, Any] = {
     # first_step_scale lengthens the first inner step, fresh_context gives every later step a new
     # draw of context points, later_context_points of them (null: context_points); all chosen
     # after training with `tune`; interpolation_weight weighs shape-based interpolation between
-    # parallel drawn planes into the output (0: the network alone; validation measures the network)
+    # parallel drawn planes into the output (0: the network alone; validation measures the network);
+    # logit_offset is added to the adapted network's logits before the threshold (negative: the
+    # boundary moves in; the targets of tasks.target_mix over-represent the structure)
     "adaptation": {"steps": 5, "context_points": 8192, "context_sampling": "uniform", "fresh_context": False,
-                   "later_context_points": None, "first_step_scale": 1.0, "interpolation_weight": 0.0},
+                   "later_context_points": None, "first_step_scale": 1.0, "interpolation_weight": 0.0,
+                   "logit_offset": 0.0},
     "validation": {"every": 250, "cases": 12, "slices": "sagittal:8"},
     "checkpoint": {"every": 100},
     "evaluate": {

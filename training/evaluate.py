@@ -137,7 +137,8 @@ def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_
     context = prior.context(coords, target, 0, device)
 
     def network(params):
-        return OccupancyNetwork(params, model.omega_0, device, precision=prior.precision)
+        return OccupancyNetwork(params, model.omega_0, device, precision=prior.precision,
+                                logit_offset=prior.logit_offset)
 
     record.evaluate = lambda params: evaluate_grid(network(params), frame, geometry)
     if evidence is not None:

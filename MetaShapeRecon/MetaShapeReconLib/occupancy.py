@@ -35,10 +35,13 @@ class OccupancyNetwork:
 
     The sine layers' omega_0 is folded into the weights once, so each layer is one addmm and
     one in-place sine. Points outside [-1, 1]^3 are background and never evaluated.
-    `precision`: the dtype of the layers after the first, as in `Siren.forward`."""
+    `precision`: the dtype of the layers after the first, as in `Siren.forward`. `logit_offset`
+    (the card's `adaptation.logit_offset`) is added to every logit, folded into the last bias:
+    meta-training's targets over-represent the structure, so after few steps the network's
+    boundary lies a little outside, and a negative offset moves it in (docs/TRAINING.md)."""
 
     def __init__(self, params: Mapping[str, torch.Tensor], omega_0: float, device="cpu",
-                 chunk: Optional[int] = None, precision: torch.dtype = torch.float32):
+                 chunk: Optional[int] = None, precision: torch.dtype = torch.float32, logit_offset: float = 0.0):
         names = sorted({k.rsplit(".", 1)[0] for k in params}, key=lambda n: int(n.split(".")[-1]))
         self.layers = []
         for index, name in enumerate(names):
@@ -46,7 +49,10 @@ class OccupancyNetwork:
             dtype = torch.float32 if index == 0 else precision
             # scaled in float32, then rounded once: the products Siren.forward computes
             weight = (params[name + ".weight"].detach().float() * scale).to(device, dtype)
-            bias = (params[name + ".bias"].detach().float() * scale).to(device, dtype)
+            bias = params[name + ".bias"].detach().float() * scale
+            if index == len(names) - 1:
+                bias = bias + float(logit_offset)
+            bias = bias.to(device, dtype)
             self.layers.append((weight.t().contiguous(), bias))
         self.device = torch.device(device)
         self.precision = precision

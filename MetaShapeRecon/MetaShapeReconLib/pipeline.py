@@ -292,6 +292,7 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
         "frame": {"centre_lps_mm": list(frame.centre), "extent_mm": list(prior.frame_spec.extent_mm)},
         "loss": losses,
         "interpolation": {"weight": card_weight, "plane_gap_mm": gap, "logits_per_mm": weight},
+        "logit_offset": prior.logit_offset,
         "dice_observed_planes": drawn_dice,
         "evaluation": {"method": evaluation, "network_evaluations": network.evaluated},
         "output": dict(output_geometry.to_dict(), foreground_voxels=int(output.sum()),
@@ -330,7 +331,7 @@ def _adapt_and_evaluate(prior: Prior, device: torch.device, coords: np.ndarray, 
         torch.cuda.synchronize(device)
     adapted = time.perf_counter()
 
-    network = OccupancyNetwork(params, prior.model.omega_0, device, precision=dtype)
+    network = OccupancyNetwork(params, prior.model.omega_0, device, precision=dtype, logit_offset=prior.logit_offset)
 
     def evaluate_progress(step, _total, loss):
         return progress is None or progress(adapt_total + step, total, None)

@@ -39,6 +39,7 @@ DEFAULT_ADAPTATION = {
     "fresh_context": False,
     "later_context_points": None,  # fresh_context only: the points of each step after the first (None: context_points)
     "interpolation_weight": 0.0,  # logits per mm of shape-based interpolation at 8 mm plane gaps (pipeline.py)
+    "logit_offset": 0.0,  # added to the adapted network's logits before the 0.5 threshold (occupancy.py)
     "auto": {"optimizer": "adam", "lr": 1e-4, "patience": 10, "max_steps": 1000},
 }
 
@@ -85,6 +86,9 @@ def check_adaptation(card: Mapping) -> None:
                 or (kind is int and value != int(value)) or value < lowest:
             raise ValueError(f"adaptation.{name} = {value!r} is not a {'whole ' if kind is int else ''}"
                              f"number >= {lowest}")
+    offset = merged["logit_offset"]
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise ValueError(f"adaptation.logit_offset = {offset!r} is not a finite number")
     if merged["first_step_scale"] == 0:
         raise ValueError("adaptation.first_step_scale = 0 would make the first step do nothing: expected a number > 0")
 
@@ -128,6 +132,11 @@ class Prior:
     @property
     def first_step_scale(self) -> float:
         return float(self.adaptation["first_step_scale"])
+
+    @property
+    def logit_offset(self) -> float:
+        """Added to the adapted network's logits before thresholding (`OccupancyNetwork`)."""
+        return float(self.adaptation["logit_offset"])
 
     def first_step_sizes(self) -> Dict[str, torch.Tensor]:
         """The step sizes of the first inner step: its own (or the shared ones) times the card's

@@ -55,6 +55,20 @@ def test_coarse_to_fine_matches_dense_with_far_fewer_evaluations(fitted):
     assert coarse.evaluated * 8 <= dense.evaluated
 
 
+def test_logit_offset_shifts_every_logit(fitted):
+    """The card's logit_offset is added to the network's logits: probabilities are the sigmoid of
+    the shifted logits, and a negative offset gives a smaller structure inside the larger one."""
+    params, truth = fitted
+    points = np.random.default_rng(1).uniform(-1, 1, (5000, 3)).astype(np.float32)
+    plain = OccupancyNetwork(params, OMEGA).probabilities(points).astype(np.float64)
+    shifted = OccupancyNetwork(params, OMEGA, logit_offset=-2.0).probabilities(points)
+    expected = 1.0 / (1.0 + np.exp(-(np.log(plain) - np.log1p(-plain) - 2.0)))
+    np.testing.assert_allclose(shifted, expected, atol=1e-5)
+    full = evaluate_grid(OccupancyNetwork(params, OMEGA), FRAME, GRID, method="dense")
+    smaller = evaluate_grid(OccupancyNetwork(params, OMEGA, logit_offset=-2.0), FRAME, GRID, method="dense")
+    assert 0 < smaller.sum() < full.sum() and not (smaller & ~full).any()
+
+
 def test_blocks_and_chunks_bound_the_work(fitted, monkeypatch):
     """A grid of 4 x 4 x 4 blocks and tiny chunks gives the same voxels, and no network call or
     block ever holds more than its bound."""

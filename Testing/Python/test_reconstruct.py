@@ -235,6 +235,29 @@ def test_interpolation_weighs_in_shape_based_interpolation_between_parallel_plan
         check_adaptation(card)
 
 
+def test_logit_offset_from_the_card_moves_the_network_boundary(small_case):
+    """adaptation.logit_offset shifts the adapted network's logits before the threshold: a lower
+    offset gives a result inside that of a higher one (the drawn planes kept as drawn), the report
+    says which offset was used, and a card with a non-number is refused."""
+    sparse, geometry, mask, prior = small_case
+    assert prior.logit_offset == 0
+    results = {}
+    for offset in (-3.0, 0.0, 3.0):
+        card = dict(prior.card, adaptation=dict(prior.card.get("adaptation", {}), logit_offset=offset))
+        results[offset] = reconstruct(sparse, geometry, prior.with_card(card), steps=3, device="cpu")
+        assert results[offset].report["logit_offset"] == offset
+    low, plain, high = (results[o].labels.astype(bool) for o in (-3.0, 0.0, 3.0))
+    np.testing.assert_array_equal(plain, reconstruct(sparse, geometry, prior, steps=3, device="cpu").labels)
+    assert not (low & ~plain).any() and not (plain & ~high).any()
+    assert high.sum() > plain.sum()  # the untrained network's logits are small: +3 fills more
+    drawn = sparse.astype(bool)
+    assert low[drawn].all() and high[drawn].all()  # what was drawn stays drawn
+    for bad in (float("nan"), "-1", True):
+        card = dict(prior.card, adaptation=dict(prior.card.get("adaptation", {}), logit_offset=bad))
+        with pytest.raises(ValueError, match="logit_offset = .* is not a finite number"):
+            check_adaptation(card)
+
+
 def test_label_chooses_the_structure():
     labels = np.zeros((6, 6, 6), np.int32)
     labels[1, 1:3, 1:3] = 1
