@@ -25,7 +25,7 @@ import torch
 from MetaShapeReconLib.adaptation import choose_context, steps_until_converged, take_steps, to_tensors
 from MetaShapeReconLib.baselines import fill_between_slices, signed_distance_interpolation
 from MetaShapeReconLib.frame import FrameSpec, centre_frame
-from MetaShapeReconLib.occupancy import OccupancyNetwork, WithInterpolation, evaluate_grid
+from MetaShapeReconLib.occupancy import WithInterpolation, evaluate_grid
 from MetaShapeReconLib.pipeline import (
     dice,
     interpolation_evidence,
@@ -133,17 +133,11 @@ def siren_trajectory(prior: Prior, coords: np.ndarray, target: np.ndarray, meta_
     `evidence` (`interpolation_evidence`) also the output with interpolation at `evidence_steps`,
     as `maml_interpolated`."""
     prior = prior.to(device)
-    model = prior.model
     context = prior.context(coords, target, 0, device)
-
-    def network(params):
-        return OccupancyNetwork(params, model.omega_0, device, precision=prior.precision,
-                                logit_offset=prior.logit_offset)
-
-    record.evaluate = lambda params: evaluate_grid(network(params), frame, geometry)
+    record.evaluate = lambda params: evaluate_grid(prior.network(params, device), frame, geometry)
     if evidence is not None:
         record.variants["maml_interpolated"] = (
-            lambda params: evaluate_grid(WithInterpolation(network(params), *evidence), frame, geometry),
+            lambda params: evaluate_grid(WithInterpolation(prior.network(params, device), *evidence), frame, geometry),
             set(evidence_steps), [])
     if 0 in record.record_steps:
         record.snapshot(0, prior.params)  # the initialisation itself, before any step

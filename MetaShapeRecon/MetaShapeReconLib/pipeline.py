@@ -22,7 +22,7 @@ from .baselines import interpolated_signed_distance
 from .errors import InputError
 from .frame import CanonicalFrame, centre_frame, fits_in_frame, observed_foreground_points
 from .geometry import Geometry
-from .occupancy import OccupancyNetwork, WithInterpolation, evaluate_grid
+from .occupancy import WithInterpolation, evaluate_grid
 from .planes import ObservedPlanes, describe_planes, finish_on_drawing, observed_mask, select_planes
 from .prior import Prior
 
@@ -331,7 +331,7 @@ def _adapt_and_evaluate(prior: Prior, device: torch.device, coords: np.ndarray, 
         torch.cuda.synchronize(device)
     adapted = time.perf_counter()
 
-    network = OccupancyNetwork(params, prior.model.omega_0, device, precision=dtype, logit_offset=prior.logit_offset)
+    network = prior.network(params, device)  # in `dtype`: the prior was moved to it above
 
     def evaluate_progress(step, _total, loss):
         return progress is None or progress(adapt_total + step, total, None)

@@ -23,6 +23,7 @@ from .adaptation import CONTEXT_SAMPLING, Context, Step, adaptation_steps, draw_
 from .catalog import FORMAT, PRIORS_ENV, bundled_prior_dirs, list_bundled_priors  # noqa: F401 (re-exported)
 from .errors import InputError
 from .frame import FrameSpec
+from .occupancy import OccupancyNetwork
 from .siren import Siren
 
 FORMAT_VERSION = 1
@@ -137,6 +138,12 @@ class Prior:
     def logit_offset(self) -> float:
         """Added to the adapted network's logits before thresholding (`OccupancyNetwork`)."""
         return float(self.adaptation["logit_offset"])
+
+    def network(self, params: Mapping[str, torch.Tensor], device="cpu") -> OccupancyNetwork:
+        """The adapted weights `params` as an occupancy network, in this prior's precision and with
+        its card's logit offset: how reconstruction and evaluation threshold the network."""
+        return OccupancyNetwork(params, self.model.omega_0, device, precision=self.precision,
+                                logit_offset=self.logit_offset)
 
     def first_step_sizes(self) -> Dict[str, torch.Tensor]:
         """The step sizes of the first inner step: its own (or the shared ones) times the card's
