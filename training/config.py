@@ -58,6 +58,7 @@ DEFAULTS: Dict[str, Any] = {
         "first_step_lr_init": 1.0,    # ... starting from the shared ones times this
         "first_order_iterations": 0,  # a cheaper first-order phase before second order
         "multi_step_loss": True,      # also train the result after each inner step (good 1-step priors)
+        "first_step_loss_weight": 1.0,  # with multi_step_loss: the first step's loss counts this many times a later one's
         "outer_lr": 1.0e-4,
         "warmup_iterations": 0,       # outer_lr ramped up over a run's first iterations (continuing a prior)
         "meta_batch": 4,
@@ -79,12 +80,13 @@ DEFAULTS: Dict[str, Any] = {
     # first_step_scale lengthens the first inner step, fresh_context gives every later step a new
     # draw of context points, later_context_points of them (null: context_points); all chosen
     # after training with `tune`; interpolation_weight weighs shape-based interpolation between
-    # parallel drawn planes into the output (0: the network alone; validation measures the network);
+    # parallel drawn planes into the output (0: the network alone; validation measures the network),
+    # at 8 mm plane gaps, times (8 mm / gap)^interpolation_gap_power at others;
     # logit_offset is added to the adapted network's logits before the threshold (negative: the
     # boundary moves in; the targets of tasks.target_mix over-represent the structure)
     "adaptation": {"steps": 5, "context_points": 8192, "context_sampling": "uniform", "fresh_context": False,
                    "later_context_points": None, "first_step_scale": 1.0, "interpolation_weight": 0.0,
-                   "logit_offset": 0.0},
+                   "interpolation_gap_power": 4.0, "logit_offset": 0.0},
     "validation": {"every": 250, "cases": 12, "slices": "sagittal:8"},
     "checkpoint": {"every": 100},
     "evaluate": {

@@ -120,6 +120,7 @@ def meta_training_settings(config: dict, first_step_lr: Optional[bool] = None) -
                                      "meta_batch", "first_order_iterations")}
     settings["warmup_iterations"] = int(maml.get("warmup_iterations") or 0)
     settings["first_step_lr"] = bool(maml.get("first_step_lr")) if first_step_lr is None else first_step_lr
+    settings["first_step_loss_weight"] = float(maml.get("first_step_loss_weight", 1.0))
     settings.update(context_points=tasks["context_points"], target_points=tasks["target_points"],
                     planes=tasks["planes"], context_sampling=config["adaptation"].get("context_sampling", "uniform"))
     return settings
@@ -137,6 +138,19 @@ def average_gradients_across_processes(optimizer: torch.optim.Optimizer) -> None
             if parameter.grad is not None:
                 dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
                 parameter.grad /= dist.get_world_size()
+
+
+def step_loss_weights(maml: dict, count: int) -> torch.Tensor:
+    """Weights of the per-step target losses, summing to 1: equal, but with `first_step_loss_weight`
+    times the weight on the first step when every step is trained (`multi_step_loss`). Training all
+    steps equally pulls a prior made for one step back towards the later ones."""
+    weights = torch.ones(count)
+    if count > 1:
+        first = float(maml.get("first_step_loss_weight", 1.0))
+        if not first > 0:
+            raise SystemExit(f"maml.first_step_loss_weight {first!r}: expected a number > 0")
+        weights[0] = first
+    return weights / weights.sum()
 
 
 class MetaLearner:
@@ -211,7 +225,7 @@ class MetaLearner:
 
         losses = torch.vmap(task_loss)(tensors["context_x"], tensors["context_y"],
                                        tensors["target_x"], tensors["target_y"])  # (tasks, steps)
-        objective = losses.mean()
+        objective = (losses * step_loss_weights(maml, losses.shape[1]).to(losses.device)).sum(dim=1).mean()
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
         average_gradients_across_processes(self.optimizer)

@@ -164,7 +164,6 @@ def _drawn_dice(prediction: np.ndarray, mask: np.ndarray, planes: ObservedPlanes
 
 
 INTERPOLATION_REFERENCE_GAP_MM = 8.0
-INTERPOLATION_GAP_POWER = 4
 
 
 def plane_gap_mm(planes: ObservedPlanes, geometry: Geometry) -> Optional[float]:
@@ -175,15 +174,16 @@ def plane_gap_mm(planes: ObservedPlanes, geometry: Geometry) -> Optional[float]:
     return max(gaps) if gaps else None
 
 
-def interpolation_weight(weight: float, gap_mm: Optional[float]) -> float:
+def interpolation_weight(weight: float, gap_mm: Optional[float], power: float) -> float:
     """Logits per mm of interpolated signed distance at this drawing's plane gap: the card's
-    weight (at 8 mm) times (8 mm / gap)^4. Interpolation is close to the truth between close
-    planes and degrades fast with the gap (across 16 mm it is behind the network on coronal and
-    axial planes of the left atrium and pancreas); the power was chosen on validation shapes
+    weight (at 8 mm) times (8 mm / gap)^power (the card's `interpolation_gap_power`).
+    Interpolation is close to the truth between close planes and degrades with the gap, faster
+    on some organs than on others (across 16 mm it is behind the network on coronal and axial
+    planes of the left atrium and pancreas); the power is chosen on validation shapes
     (docs/TRAINING.md, "Interpolation between parallel planes")."""
     if not weight or gap_mm is None:
         return 0.0
-    return float(weight) * (INTERPOLATION_REFERENCE_GAP_MM / gap_mm) ** INTERPOLATION_GAP_POWER
+    return float(weight) * (INTERPOLATION_REFERENCE_GAP_MM / gap_mm) ** float(power)
 
 
 def interpolation_evidence(mask: np.ndarray, planes: ObservedPlanes, geometry: Geometry, frame: CanonicalFrame,
@@ -244,7 +244,7 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
 
     interpolating = time.perf_counter()
     gap = plane_gap_mm(planes, geometry)
-    weight = interpolation_weight(card_weight, gap)
+    weight = interpolation_weight(card_weight, gap, prior.adaptation["interpolation_gap_power"])
     evidence = interpolation_evidence(mask, planes, geometry, frame, weight)
     interpolate_seconds = time.perf_counter() - interpolating
 

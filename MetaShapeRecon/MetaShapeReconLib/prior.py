@@ -40,6 +40,7 @@ DEFAULT_ADAPTATION = {
     "fresh_context": False,
     "later_context_points": None,  # fresh_context only: the points of each step after the first (None: context_points)
     "interpolation_weight": 0.0,  # logits per mm of shape-based interpolation at 8 mm plane gaps (pipeline.py)
+    "interpolation_gap_power": 4.0,  # ... times (8 mm / gap)^this at other gaps
     "logit_offset": 0.0,  # added to the adapted network's logits before the 0.5 threshold (occupancy.py)
     "auto": {"optimizer": "adam", "lr": 1e-4, "patience": 10, "max_steps": 1000},
 }
@@ -69,7 +70,8 @@ def check_adaptation(card: Mapping) -> None:
               ("weight_decay", merged["weight_decay"], float, 0.0), ("auto.lr", auto["lr"], float, 0.0),
               ("auto.patience", auto["patience"], int, 1), ("auto.max_steps", auto["max_steps"], int, 0),
               ("first_step_scale", merged["first_step_scale"], float, 0.0),
-              ("interpolation_weight", merged["interpolation_weight"], float, 0.0)]
+              ("interpolation_weight", merged["interpolation_weight"], float, 0.0),
+              ("interpolation_gap_power", merged["interpolation_gap_power"], float, 0.0)]
     if "inner_lr" in merged:
         checks.append(("inner_lr", merged["inner_lr"], float, 0.0))
     if not isinstance(merged["fresh_context"], bool):

@@ -208,6 +208,11 @@ def test_interpolation_weighs_in_shape_based_interpolation_between_parallel_plan
     assert strong.report["interpolation"] == {"weight": 1e4, "plane_gap_mm": 6.0,
                                               "logits_per_mm": pytest.approx(1e4 * (8 / 6) ** 4)}
     assert strong.report["timings_s"]["interpolate"] > 0
+    # the card's interpolation_gap_power sets how the weight falls with the gap (6 mm here)
+    for power, per_mm in ((2.0, 1e4 * (8 / 6) ** 2), (0.0, 1e4)):
+        card = dict(prior.card, adaptation=dict(prior.card.get("adaptation", {}), interpolation_gap_power=power))
+        powered = reconstruct(sparse, geometry, prior.with_card(card), steps=1, device="cpu", interpolation=1e4)
+        assert powered.report["interpolation"]["logits_per_mm"] == pytest.approx(per_mm)
     planes = select_planes("auto", sparse, geometry)
     in_box, box = interpolated_signed_distance(sparse, planes, geometry)
     distance = np.full(geometry.size, np.nan, np.float32)
@@ -232,6 +237,9 @@ def test_interpolation_weighs_in_shape_based_interpolation_between_parallel_plan
             reconstruct(sparse, geometry, prior, interpolation=bad)
     card = dict(prior.card, adaptation=dict(prior.card.get("adaptation", {}), interpolation_weight=-2))
     with pytest.raises(ValueError, match="interpolation_weight = -2 is not a number >= 0"):
+        check_adaptation(card)
+    card = dict(prior.card, adaptation=dict(prior.card.get("adaptation", {}), interpolation_gap_power="4"))
+    with pytest.raises(ValueError, match="interpolation_gap_power = '4' is not a number >= 0"):
         check_adaptation(card)
 
 

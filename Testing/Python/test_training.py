@@ -158,6 +158,30 @@ def test_outer_step_warms_up_over_a_runs_first_iterations():
     assert meta_training_settings(config)["warmup_iterations"] == 4
 
 
+def test_first_step_loss_weight_weighs_the_first_steps_meta_gradient():
+    """maml.first_step_loss_weight w: with every step trained, the meta-gradient is
+    (w * that of the first step's loss + that of the second's) / (w + 1), each measured alone
+    (one inner step; two steps scoring only the last) on the same prior and batch."""
+    shapes = shapes_from_family(4)
+
+    def gradient(**overrides):
+        config = small_config(**{"maml.precision": "float32", **overrides})
+        learner = MetaLearner(new_prior(small_config()), config, torch.device("cpu"))
+        learner.meta_gradient(TaskSampler(small_config(), seed=1).batch(shapes), first_order=False)
+        return torch.cat([p.grad.flatten() for g in learner.optimizer.param_groups for p in g["params"]])
+
+    first = gradient(**{"maml.inner_steps": 1})
+    second = gradient(**{"maml.multi_step_loss": False})
+    assert not torch.allclose(first, second, rtol=0.1, atol=0)
+    for weight in (1.0, 4.0):
+        weighted = gradient(**{"maml.first_step_loss_weight": weight})
+        assert torch.allclose(weighted, (weight * first + second) / (weight + 1), rtol=1e-4, atol=1e-7)
+    assert meta_training_settings(small_config(**{"maml.first_step_loss_weight": 4.0}))["first_step_loss_weight"] == 4
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(SystemExit, match="maml.first_step_loss_weight .*expected a number > 0"):
+            gradient(**{"maml.first_step_loss_weight": bad})
+
+
 def test_bfloat16_meta_training_follows_the_float32_meta_gradient(tmp_path):
     """maml.precision=bfloat16: the second-order meta-gradient through bfloat16 later layers
     points where the float32 one does, far closer than the previous batch's does (the noise
