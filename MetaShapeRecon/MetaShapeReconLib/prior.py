@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, Mapping, Optional
 
@@ -23,6 +24,7 @@ from .adaptation import CONTEXT_SAMPLING, Context, Step, adaptation_steps, draw_
 from .catalog import FORMAT, PRIORS_ENV, bundled_prior_dirs, list_bundled_priors  # noqa: F401 (re-exported)
 from .errors import InputError
 from .frame import FrameSpec
+from .labelmap_io import atomic_output
 from .occupancy import OccupancyNetwork
 from .siren import Siren
 
@@ -214,26 +216,39 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def save_prior(prior: Prior, path: str) -> str:
-    """Write `path` (.safetensors, or a stem) and the model card beside it; returns the card path."""
-    from safetensors.torch import save_file
+def _safetensors_bytes(tensors: Dict[str, torch.Tensor]) -> bytes:
+    """The safetensors file of `tensors`, byte for byte the same for the same tensors: the
+    library writes its metadata entries in a random order, which would give every save of the
+    same prior another checksum. Reordered in place, the header keeps its length."""
+    from safetensors.torch import save
 
+    data = save(tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(length)
+    if len(text) != length:  # a library that writes its header otherwise: keep its bytes
+        return data
+    return data[:8] + text + data[8 + length:]
+
+
+def save_prior(prior: Prior, path: str) -> str:
+    """Write `path` (.safetensors, or a stem) and the model card beside it; returns the card path.
+    Both land together or neither does (an interrupted checkpoint keeps the earlier pair)."""
     stem = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
     tensors = {WEIGHTS + k: v.detach().float().cpu().contiguous() for k, v in prior.params.items()}
     tensors.update({INNER_LR + k: v.detach().float().cpu().contiguous() for k, v in prior.inner_lr.items()})
     tensors.update({FIRST_STEP_LR + k: v.detach().float().cpu().contiguous()
                     for k, v in (prior.first_step_lr or {}).items()})
-    save_file(tensors, stem + ".safetensors", metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(stem + ".safetensors", 0o666 & ~umask)  # safetensors writes it private
+    data = _safetensors_bytes(tensors)
     card = dict(prior.card)
     card["format"], card["format_version"] = FORMAT, FORMAT_VERSION
     card["architecture"] = prior.model.architecture()
-    card["weights_sha256"] = _sha256(stem + ".safetensors")
-    with open(stem + ".json", "w") as handle:
-        json.dump(card, handle, indent=2)
-        handle.write("\n")
+    card["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    with ExitStack() as outputs:
+        for suffix, content in ((".safetensors", data), (".json", (json.dumps(card, indent=2) + "\n").encode())):
+            with open(outputs.enter_context(atomic_output(stem + suffix)), "wb") as handle:
+                handle.write(content)
     return stem + ".json"
 
 

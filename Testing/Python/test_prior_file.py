@@ -71,6 +71,28 @@ def test_files_hold_what_the_format_says(saved):
     assert all(t.dtype == torch.float32 for t in tensors.values())
 
 
+def test_saving_again_writes_the_same_bytes_and_a_failed_save_changes_nothing(saved, tmp_path):
+    """The same prior saved twice is the same file (the library orders its metadata at random,
+    which would give each export another checksum); a save that fails half way (a card that is
+    not JSON, after the tensors were written) leaves the earlier pair as it was."""
+    prior, stem = saved
+    before = {suffix: open(stem + suffix, "rb").read() for suffix in (".safetensors", ".json")}
+    for _ in range(4):
+        save_prior(prior, stem)
+        assert {suffix: open(stem + suffix, "rb").read() for suffix in before} == before
+    from safetensors import safe_open
+
+    with safe_open(stem + ".safetensors", "pt") as handle:
+        assert handle.metadata() == {"format": "metashaperecon-prior", "format_version": str(FORMAT_VERSION)}
+    broken = load_prior(stem)
+    broken.params = {k: v + 1 for k, v in broken.params.items()}
+    broken.card = dict(broken.card, description=object())
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        save_prior(broken, stem)
+    assert {suffix: open(stem + suffix, "rb").read() for suffix in before} == before
+    assert sorted(os.listdir(tmp_path)) == ["roundtrip.json", "roundtrip.safetensors"]
+
+
 def test_find_by_name_in_the_priors_folder(saved, monkeypatch):
     _, stem = saved
     monkeypatch.setenv("METASHAPERECON_PRIORS", os.path.dirname(stem))
