@@ -59,6 +59,7 @@ DEFAULTS: Dict[str, Any] = {
         "first_order_iterations": 0,  # a cheaper first-order phase before second order
         "multi_step_loss": True,      # also train the result after each inner step (good 1-step priors)
         "first_step_loss_weight": 1.0,  # with multi_step_loss: the first step's loss counts this many times a later one's
+        "freeze_weights": False,      # theta_0 kept as it is (maml.init's): only the step sizes learn
         "outer_lr": 1.0e-4,
         "warmup_iterations": 0,       # outer_lr ramped up over a run's first iterations (continuing a prior)
         "meta_batch": 4,

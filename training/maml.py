@@ -121,6 +121,7 @@ def meta_training_settings(config: dict, first_step_lr: Optional[bool] = None) -
     settings["warmup_iterations"] = int(maml.get("warmup_iterations") or 0)
     settings["first_step_lr"] = bool(maml.get("first_step_lr")) if first_step_lr is None else first_step_lr
     settings["first_step_loss_weight"] = float(maml.get("first_step_loss_weight", 1.0))
+    settings["freeze_weights"] = bool(maml.get("freeze_weights"))
     settings.update(context_points=tasks["context_points"], target_points=tasks["target_points"],
                     planes=tasks["planes"], context_sampling=config["adaptation"].get("context_sampling", "uniform"))
     return settings
@@ -167,14 +168,17 @@ class MetaLearner:
         self.model = prior.model.to(device)
         self.card = prior.card
         learn_lr = bool(maml["learn_inner_lr"])
-        self.params = {k: v.detach().clone().to(device).requires_grad_(True) for k, v in prior.params.items()}
+        frozen = bool(maml.get("freeze_weights"))
+        if frozen and not learn_lr:
+            raise SystemExit("maml.freeze_weights with maml.learn_inner_lr false: nothing left to train")
+        self.params = {k: v.detach().clone().to(device).requires_grad_(not frozen) for k, v in prior.params.items()}
         self.inner_lr = {k: v.detach().clone().to(device).requires_grad_(learn_lr) for k, v in prior.inner_lr.items()}
         first = prior.first_step_lr
         if first is None and maml.get("first_step_lr"):
             first = {k: v * float(maml["first_step_lr_init"]) for k, v in prior.inner_lr.items()}
         self.first_step_lr = None if first is None else {
             k: v.detach().clone().to(device).requires_grad_(learn_lr) for k, v in first.items()}
-        trainable = list(self.params.values())
+        trainable = [] if frozen else list(self.params.values())
         if learn_lr:
             trainable += list(self.inner_lr.values()) + list((self.first_step_lr or {}).values())
         self.optimizer = torch.optim.Adam(trainable, lr=float(maml["outer_lr"]))
