@@ -228,8 +228,7 @@ def evaluate_case(shape: Shape, setting: str, methods: Dict[str, object], config
         adam_lr = float(prior.adaptation["auto"]["lr"]) if name == "maml" else float(config["pretrain"]["lr"])
         evidence = None
         if name == "maml":  # the card's interpolation, as `reconstruct` weighs it in
-            weight = interpolation_weight(prior.adaptation["interpolation_weight"], plane_gap_mm(planes, shape.geometry),
-                                          prior.adaptation["interpolation_gap_power"])
+            weight = interpolation_weight(prior, plane_gap_mm(planes, shape.geometry))
             evidence = interpolation_evidence(shape.mask, planes, shape.geometry, frame, weight)
         info = siren_trajectory(prior, coords, target, meta_steps, adam_lr, record, max_steps, patience,
                                 frame, shape.geometry, device, converge=full, evidence=evidence,

@@ -174,16 +174,19 @@ def plane_gap_mm(planes: ObservedPlanes, geometry: Geometry) -> Optional[float]:
     return max(gaps) if gaps else None
 
 
-def interpolation_weight(weight: float, gap_mm: Optional[float], power: float) -> float:
-    """Logits per mm of interpolated signed distance at this drawing's plane gap: the card's
-    weight (at 8 mm) times (8 mm / gap)^power (the card's `interpolation_gap_power`).
+def interpolation_weight(prior: Prior, gap_mm: Optional[float], weight: Optional[float] = None) -> float:
+    """Logits per mm of interpolated signed distance at this drawing's plane gap: `weight` (at
+    8 mm; None: the card's `interpolation_weight`) times (8 mm / gap)^power, the power the card's
+    `interpolation_gap_power`.
     Interpolation is close to the truth between close planes and degrades with the gap, faster
     on some organs than on others (across 16 mm it is behind the network on coronal and axial
     planes of the left atrium and pancreas); the power is chosen on validation shapes
     (docs/TRAINING.md, "Interpolation between parallel planes")."""
+    weight = prior.adaptation["interpolation_weight"] if weight is None else weight
     if not weight or gap_mm is None:
         return 0.0
-    return float(weight) * (INTERPOLATION_REFERENCE_GAP_MM / gap_mm) ** float(power)
+    power = float(prior.adaptation["interpolation_gap_power"])
+    return float(weight) * (INTERPOLATION_REFERENCE_GAP_MM / gap_mm) ** power
 
 
 def interpolation_evidence(mask: np.ndarray, planes: ObservedPlanes, geometry: Geometry, frame: CanonicalFrame,
@@ -244,7 +247,7 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
 
     interpolating = time.perf_counter()
     gap = plane_gap_mm(planes, geometry)
-    weight = interpolation_weight(card_weight, gap, prior.adaptation["interpolation_gap_power"])
+    weight = interpolation_weight(prior, gap, card_weight)
     evidence = interpolation_evidence(mask, planes, geometry, frame, weight)
     interpolate_seconds = time.perf_counter() - interpolating
 
