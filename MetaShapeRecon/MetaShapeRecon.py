@@ -5,9 +5,10 @@ Slicer's four scripted-module roles (Module, Widget, Logic, Test) and the parame
 work is in MetaShapeReconLib: the engine, and `slicer_logic` (reading segments, running the
 engine, writing results; Qt-free and tested with slicer-core). This file is GUI and glue.
 
-PyTorch is imported only when the user reconstructs, so the module opens fast, also before
-PyTorch is installed; installing it (through the PyTorch extension) happens on request only.
-Adaptation runs on one persistent worker thread; only the main thread touches MRML and Qt.
+This file does not import PyTorch, so the module opens fast, also before PyTorch is installed;
+installing it (through the PyTorch extension) happens on request only. When it is installed, the
+widget starts the persistent worker thread, which imports it and warms it up in the background.
+Adaptation runs on that thread; only the main thread touches MRML and Qt.
 """
 
 import importlib.util
@@ -494,7 +495,9 @@ class MetaShapeReconLogic(ScriptedLoadableModuleLogic):
     """Reconstruction from Slicer's Python console, without the widget::
 
         logic = slicer.util.getModuleLogic("MetaShapeRecon")
-        segmentId, result = logic.process(getNode("Segmentation"), "kidney", prior="kidney")
+        segmentation = getNode("Segmentation")
+        segmentId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("kidney")  # e.g. "Segment_1"
+        newId, result = logic.process(segmentation, segmentId, prior="kidney")
         print(result.summary())
 
     A thin layer over MetaShapeReconLib.slicer_logic.reconstruct_segment."""
@@ -580,7 +583,7 @@ class MetaShapeReconLogic(ScriptedLoadableModuleLogic):
 
     def process(self, segmentationNode, segmentId=None, referenceVolumeNode=None, prior="kidney", steps=None,
                 slices="auto", device="auto", output="new_segment", show3D=True, exportModel=False, progress=None,
-                interpolation=None):
+                interpolation=None, precision="auto"):
         """Reconstruct (blocking) and write the result into the scene.
 
         See MetaShapeReconLib.slicer_logic.reconstruct_segment for the arguments. Returns
@@ -589,7 +592,8 @@ class MetaShapeReconLogic(ScriptedLoadableModuleLogic):
             raise InputError("MetaShapeRecon needs PyTorch and safetensors; the installation was declined")
         return slicer_logic.reconstruct_segment(
             segmentationNode, segmentId, referenceVolumeNode, prior=prior, steps=steps, slices=slices, device=device,
-            output=output, progress=progress, show_3d=show3D, export_model=exportModel, interpolation=interpolation)
+            output=output, progress=progress, show_3d=show3D, export_model=exportModel, interpolation=interpolation,
+            precision=precision)
 
 
 #

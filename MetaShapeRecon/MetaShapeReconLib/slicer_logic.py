@@ -4,14 +4,16 @@ Qt-free, so it runs in Slicer's Python console, in the module widget and in test
 MRML classes of the `slicer-core` wheel. One call does everything::
 
     from MetaShapeReconLib import reconstruct_segment
-    segment_id, result = reconstruct_segment(segmentationNode, "kidney", prior="kidney")
+    kidney = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName("kidney")  # e.g. "Segment_1"
+    segment_id, result = reconstruct_segment(segmentationNode, kidney, prior="kidney")
     print(result.summary())
 
 It is three parts, so the widget can keep the main thread free:
 
-- `prepare` (main thread): reads the segments as labelmaps on the reference geometry
+- `prepare` (main thread): reads the segments as labelmaps on the grid they were drawn on
   (arrays indexed (i, j, k), LPS `Geometry`); it does not modify the scene.
-- `compute` (any thread; no MRML, no Qt): loads the prior and runs the engine on each segment.
+- `compute` (any thread; no MRML, no Qt): loads the prior and runs the engine on each segment,
+  evaluating the shape on the output grid.
 - `apply` (main thread): writes every result into the scene at once. Nothing is written when
   any segment fails or is cancelled, and a failure while writing undoes what was written, so
   after an error the scene holds the same nodes, segments and voxels as before.
@@ -22,6 +24,7 @@ transform), so the output lands exactly where the input segment is.
 """
 
 import queue
+import re
 import subprocess
 import threading
 import time
@@ -36,6 +39,20 @@ from .geometry import Geometry
 
 OUTPUT_MODES = ("new_segment", "new_segmentation", "replace")
 RECONSTRUCTED_SUFFIX = " (reconstructed)"
+# set on every segment the module writes: "all segments" leaves them out (a dense result has no
+# drawn planes to reconstruct from)
+RECONSTRUCTED_TAG = "MetaShapeRecon.Reconstructed"
+# The engine's messages name the command-line options; in Slicer the user sets them with the
+# module's controls, so messages shown there name the controls (labels as the widget shows them).
+CONTROL_LABELS = {
+    "--device": "Device",
+    "--slices": "Drawn planes",
+    "--steps": "Adaptation steps",
+    "--interpolation": "interpolate close slices",
+    "--output-spacing": "Output geometry",
+    "--prior": "Shape prior",
+    "--precision": "precision",  # no control; reconstruct_segment's argument
+}
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 
 Progress = Callable[[int, int, Optional[float]], bool]
@@ -300,7 +317,7 @@ class SegmentInput:
     segment_id: str
     name: str
     color: Tuple[float, float, float]
-    labels: np.ndarray  # uint8 0/1, (i, j, k) on the job's grid
+    labels: np.ndarray  # uint8 0/1, (i, j, k) on the job's drawing grid
     on_lattice: bool
 
 
@@ -312,7 +329,7 @@ class ReconstructionJob:
     segmentation_node_id: str
     segmentation_name: str
     reference_volume_node_id: Optional[str]
-    grid: ReferenceGrid
+    grid: ReferenceGrid  # the output grid
     segments: List[SegmentInput]
     prior: Any  # name, path or a loaded Prior
     steps: Union[int, str, None]
@@ -325,12 +342,19 @@ class ReconstructionJob:
     timings: Dict[str, float] = field(default_factory=dict)
     precision: str = "auto"
     interpolation: Optional[float] = None  # None: the prior's card
+    # the grid the segments were read on, where it is another lattice than `grid` (None: `grid`);
+    # drawn planes stay planes only on their own lattice
+    drawing_grid: Optional[ReferenceGrid] = None
+
+    @property
+    def input_grid(self) -> ReferenceGrid:
+        return self.drawing_grid or self.grid
 
 
 @dataclass
 class SegmentOutput:
     segment_id: str  # the input segment
-    labels: np.ndarray  # uint8 0/1 on the job's grid
+    labels: np.ndarray  # uint8 0/1 on the job's (output) grid
     report: dict
 
 
@@ -341,11 +365,19 @@ class ComputedReconstruction:
     timings: Dict[str, float]
 
 
+def is_reconstructed(segment) -> bool:
+    """Whether the module wrote this segment (see RECONSTRUCTED_TAG)."""
+    return bool(segment.HasTag(RECONSTRUCTED_TAG))
+
+
 def _segment_ids(segmentation, segment_id) -> Tuple[List[str], bool]:
     if segment_id is None:
-        ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+        every = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+        ids = [sid for sid in every if not is_reconstructed(segmentation.GetSegment(sid))]
         if not ids:
-            raise InputError("the segmentation has no segment to reconstruct")
+            raise InputError("the segmentation has no segment to reconstruct" if not every else
+                             "every segment of the segmentation is a reconstruction; select one to reconstruct "
+                             "it again")
         return ids, False
     single = isinstance(segment_id, str)
     ids = [segment_id] if single else [str(s) for s in segment_id]
@@ -371,6 +403,10 @@ def prepare(segmentation_node, segment_id=None, reference_volume_node=None, prio
     started = time.perf_counter()
     if segmentation_node is None:
         raise InputError("no segmentation selected")
+    if not (hasattr(segmentation_node, "IsA") and segmentation_node.IsA("vtkMRMLSegmentationNode")):
+        name = segmentation_node.GetName() if hasattr(segmentation_node, "GetName") else repr(segmentation_node)
+        raise InputError(f"'{name}' is not a segmentation: import the labelmap into a segmentation first "
+                         "(Data module: right-click > Convert labelmap to segmentation node)")
     if output not in OUTPUT_MODES:
         raise InputError(f"output {output!r}: expected one of {', '.join(OUTPUT_MODES)}")
     scene = segmentation_node.GetScene()
@@ -382,10 +418,18 @@ def prepare(segmentation_node, segment_id=None, reference_volume_node=None, prio
         raise InputError("replacing a segment needs a segmentation whose source representation is a binary "
                          "labelmap; choose a new segment or a new segmentation as output")
     grid = reference_grid(segmentation_node, reference_volume_node, ids)
+    drawing_grid = None
+    if reference_volume_node is not None:
+        try:
+            own = reference_grid(segmentation_node, None, ids)
+        except InputError:  # no grid of its own: read the drawing on the chosen one
+            own = None
+        if own is not None and not _same_lattice(own.oriented_image(), grid.oriented_image()):
+            drawing_grid = own  # read there; the network is evaluated on `grid`
     segments = []
     for sid in ids:
         segment = segmentation.GetSegment(sid)
-        labels, on_lattice = segment_labels(segmentation_node, sid, grid)
+        labels, on_lattice = segment_labels(segmentation_node, sid, drawing_grid or grid)
         if not labels.any():
             raise InputError(f"segment '{segment.GetName()}' is empty on the reference geometry: draw it on a "
                              "few slices first")
@@ -396,7 +440,13 @@ def prepare(segmentation_node, segment_id=None, reference_volume_node=None, prio
         grid=grid, segments=segments, prior=prior, steps=steps, slices=slices or "auto", device=device or "auto",
         output=output, show_3d=bool(show_3d), export_model=bool(export_model), single=single,
         timings={"read": time.perf_counter() - started}, precision=precision or "auto",
-        interpolation=interpolation)
+        interpolation=interpolation, drawing_grid=drawing_grid)
+
+
+def _name_controls(message: str) -> str:
+    """An engine message with the command-line options it names replaced by the module's controls."""
+    return re.sub(r"--[a-z][a-z-]*", lambda m: f"'{CONTROL_LABELS[m.group(0)]}'" if m.group(0) in CONTROL_LABELS
+                  else m.group(0), message)
 
 
 def _load(prior):
@@ -420,7 +470,10 @@ def compute(job: ReconstructionJob, progress: Optional[Progress] = None,
     from .pipeline import reconstruct
 
     started = time.perf_counter()
-    prior = _load(job.prior)
+    try:
+        prior = _load(job.prior)
+    except InputError as error:
+        raise InputError(_name_controls(str(error))) from None
     loaded = time.perf_counter()
     count = len(job.segments)
     done_steps = 0
@@ -437,12 +490,14 @@ def compute(job: ReconstructionJob, progress: Optional[Progress] = None,
     for index, segment in enumerate(job.segments):
         if on_segment is not None:
             on_segment(index, count, segment.name)
+        drawing = job.input_grid.geometry
+        other_grid = job.grid.geometry if job.drawing_grid is not None else None
         try:
-            result = reconstruct(segment.labels, job.grid.geometry, prior, steps=job.steps, slices=job.slices,
-                                 device=job.device, progress=segment_progress, precision=job.precision,
-                                 interpolation=job.interpolation)
+            result = reconstruct(segment.labels, drawing, prior, steps=job.steps, slices=job.slices,
+                                 device=job.device, output_geometry=other_grid, progress=segment_progress,
+                                 precision=job.precision, interpolation=job.interpolation)
         except InputError as error:
-            raise InputError(f"segment '{segment.name}': {error}") from None
+            raise InputError(f"segment '{segment.name}': {_name_controls(str(error))}") from None
         if not segment.on_lattice:
             result.report.setdefault("warnings", []).append(
                 "the segment was drawn on another grid than the reference geometry and was resampled onto it")
@@ -472,7 +527,8 @@ class ReconstructionResult:
     scene: Any = field(default=None, repr=False)
     _created_node_ids: List[str] = field(default_factory=list, repr=False)
     _added_segments: List[Tuple[str, str]] = field(default_factory=list, repr=False)  # (node id, segment id)
-    _replaced: List[Tuple[str, str, Any]] = field(default_factory=list, repr=False)  # (node id, segment id, old)
+    # (node id, segment id, old labelmap, whether it was tagged RECONSTRUCTED_TAG)
+    _replaced: List[Tuple[str, str, Any, bool]] = field(default_factory=list, repr=False)
 
     @property
     def device(self) -> str:
@@ -510,10 +566,12 @@ class ReconstructionResult:
         scene = self.scene
         if scene is None:
             return
-        for node_id, segment_id, old in reversed(self._replaced):
+        for node_id, segment_id, old, tagged in reversed(self._replaced):
             node = scene.GetNodeByID(node_id)
             if node is not None and node.GetSegmentation().GetSegment(segment_id) is not None:
                 _set_segment_labelmap(node, segment_id, old)
+                if not tagged:
+                    node.GetSegmentation().GetSegment(segment_id).RemoveTag(RECONSTRUCTED_TAG)
         for node_id, segment_id in reversed(self._added_segments):
             node = scene.GetNodeByID(node_id)
             if node is not None and node.GetSegmentation().GetSegment(segment_id) is not None:
@@ -582,8 +640,56 @@ def _new_segment(name: str, color, labelmap):
     segment = slicer.vtkSegment()
     segment.SetName(name)
     segment.SetColor(*color)
+    segment.SetTag(RECONSTRUCTED_TAG, "1")
     segment.AddRepresentation(_binary_labelmap_name(), labelmap)
     return segment
+
+
+def _created(result: "ReconstructionResult", scene, node) -> None:
+    """Record a node this reconstruction added (for `undo`); with scene undo on, let the scene's
+    undo remove it and the display and storage nodes it owns (nodes are not undoable by default)."""
+    result._created_node_ids.append(node.GetID())
+    if scene.GetUndoFlag():
+        owned = [node]
+        if node.IsA("vtkMRMLDisplayableNode"):
+            owned += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+        if node.IsA("vtkMRMLStorableNode"):
+            owned += [node.GetNthStorageNode(i) for i in range(node.GetNumberOfStorageNodes())]
+        for each in owned:
+            if each is not None:
+                each.SetUndoEnabled(True)
+
+
+def _export_model(scene, result, target_node, segment_id: str) -> Any:
+    """A model node of the segment's closed surface, beside `target_node`. A segment without a
+    stored surface (Show 3D off) gets a surface made for the model only, not stored on the segment."""
+    import slicer
+    import vtk
+
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    surface_name = _closed_surface_name()
+    segmentation = target_node.GetSegmentation()
+    segment = segmentation.GetSegment(segment_id)
+    model = scene.AddNewNodeByClass("vtkMRMLModelNode", scene.GenerateUniqueName(segment.GetName()))
+    model.CreateDefaultDisplayNodes()
+    _created(result, scene, model)
+    if segment.GetRepresentation(surface_name) is not None:
+        if not logic.ExportSegmentToRepresentationNode(segment, model):
+            raise RuntimeError(f"could not export segment '{segment.GetName()}' as a model")
+    else:
+        # (the export needs the surface stored on a segment of a segmentation node)
+        surface = logic.CreateRepresentationForOneSegment(segmentation, segment_id, surface_name)
+        if surface is None:
+            raise RuntimeError(f"could not make the surface of segment '{segment.GetName()}'")
+        polydata = vtk.vtkPolyData()
+        polydata.DeepCopy(surface)
+        model.SetAndObservePolyData(polydata)
+    if target_node.GetParentTransformNode() is not None:
+        model.SetAndObserveTransformNodeID(target_node.GetParentTransformNode().GetID())
+    if model.GetDisplayNode() is not None:
+        model.GetDisplayNode().SetColor(*segment.GetColor())
+    _place_beside(scene, model, target_node)
+    return model
 
 
 def apply(job: ReconstructionJob, computed: ComputedReconstruction) -> ReconstructionResult:
@@ -613,8 +719,8 @@ def apply(job: ReconstructionJob, computed: ComputedReconstruction) -> Reconstru
         if job.output == "new_segmentation":
             name = scene.GenerateUniqueName(job.segmentation_name + RECONSTRUCTED_SUFFIX)
             target_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-            result._created_node_ids.append(target_node.GetID())
             target_node.CreateDefaultDisplayNodes()
+            _created(result, scene, target_node)
             if source_node.GetParentTransformNode() is not None:
                 target_node.SetAndObserveTransformNodeID(source_node.GetParentTransformNode().GetID())
             volume = scene.GetNodeByID(job.reference_volume_node_id) if job.reference_volume_node_id else None
@@ -634,8 +740,11 @@ def apply(job: ReconstructionJob, computed: ComputedReconstruction) -> Reconstru
             if job.output == "replace":
                 old = slicer.vtkOrientedImageData()
                 target_node.GetBinaryLabelmapRepresentation(output.segment_id, old)
-                result._replaced.append((target_node.GetID(), output.segment_id, old))
+                replaced = target.GetSegment(output.segment_id)
+                result._replaced.append((target_node.GetID(), output.segment_id, old,
+                                         is_reconstructed(replaced)))
                 _set_segment_labelmap(target_node, output.segment_id, labelmap)
+                replaced.SetTag(RECONSTRUCTED_TAG, "1")
                 new_id = output.segment_id
             else:
                 name = segment_input.name if job.output == "new_segmentation" else \
@@ -655,29 +764,12 @@ def apply(job: ReconstructionJob, computed: ComputedReconstruction) -> Reconstru
                 display.SetVisibility3D(True)
                 for new_id in result.segment_ids:
                     display.SetSegmentVisibility3D(new_id, True)
-        else:
-            surface_name = _closed_surface_name()
-            for new_id in result.segment_ids:
-                segment = target.GetSegment(new_id)
-                if segment.GetRepresentation(surface_name) is None:
-                    surface = slicer.vtkSlicerSegmentationsModuleLogic.CreateRepresentationForOneSegment(
-                        target, new_id, surface_name)
-                    if surface is not None:
-                        segment.AddRepresentation(surface_name, surface)
+        # Show 3D off: no surface is made (a segmentation that already has one converts new
+        # segments itself, as for any segment)
 
         if job.export_model:
             for new_id in result.segment_ids:
-                segment = target.GetSegment(new_id)
-                model = scene.AddNewNodeByClass("vtkMRMLModelNode", scene.GenerateUniqueName(segment.GetName()))
-                result._created_node_ids.append(model.GetID())
-                model.CreateDefaultDisplayNodes()
-                if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentToRepresentationNode(segment, model):
-                    raise RuntimeError(f"could not export segment '{segment.GetName()}' as a model")
-                if target_node.GetParentTransformNode() is not None:
-                    model.SetAndObserveTransformNodeID(target_node.GetParentTransformNode().GetID())
-                if model.GetDisplayNode() is not None:
-                    model.GetDisplayNode().SetColor(*segment.GetColor())
-                _place_beside(scene, model, target_node)
+                model = _export_model(scene, result, target_node, new_id)
                 result.model_node_ids.append(model.GetID())
     except BaseException:
         if was_modifying is not None:
@@ -907,7 +999,8 @@ class ReconstructionWorker:
         return self._thread.is_alive()
 
 
-__all__ = ["OUTPUT_MODES", "Cancelled", "GpuInfo", "InputError", "ReconstructionJob", "ReconstructionResult",
-           "ReconstructionWorker", "ReferenceGrid", "Task", "apply", "available_priors", "compute", "describe_prior",
-           "detect_nvidia_gpus", "geometry_from_ijk_to_ras", "ijk_to_ras_from_geometry", "prepare", "prior_card",
-           "reconstruct_segment", "reference_grid", "segment_labels", "slices_spec"]
+__all__ = ["OUTPUT_MODES", "RECONSTRUCTED_TAG", "Cancelled", "GpuInfo", "InputError", "ReconstructionJob",
+           "ReconstructionResult", "ReconstructionWorker", "ReferenceGrid", "Task", "apply", "available_priors",
+           "compute", "describe_prior", "detect_nvidia_gpus", "geometry_from_ijk_to_ras", "ijk_to_ras_from_geometry",
+           "is_reconstructed", "prepare", "prior_card", "reconstruct_segment", "reference_grid", "segment_labels",
+           "slices_spec"]

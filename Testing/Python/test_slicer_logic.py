@@ -642,6 +642,153 @@ def test_scene_undo_takes_the_change_back(scene, quick_prior, blob_geometry, out
         assert np.array_equal(exported(scene, restored, segment_id, volume), truth.astype(np.uint8))
 
 
+@pytest.mark.parametrize("output", ["new_segmentation", "new_segment"])
+def test_scene_undo_also_removes_the_nodes_it_created(scene, quick_prior, blob_geometry, output):
+    """One undo step: the new segmentation and the model nodes go too, with their display nodes."""
+    left, _ = two_blobs(blob_geometry)
+    volume = add_volume(scene, blob_geometry)
+    node = add_segmentation(scene, volume)
+    left_id = draw(node, volume, "left", sparse_planes(left, 0, 6, 2))
+    scene.SetUndoOn()
+    before = snapshot(scene)
+    _, result = reconstruct_segment(node, left_id, prior=quick_prior, output=output, export_model=True)
+    created = [result.segmentation_node_id] if output == "new_segmentation" else []
+    assert len(result.model_node_ids) == 1
+    created += result.model_node_ids
+    owned = [scene.GetNodeByID(i).GetDisplayNode().GetID() for i in created]
+
+    scene.Undo()
+
+    assert [scene.GetNodeByID(i) for i in created + owned] == [None] * len(created + owned)
+    assert snapshot(scene) == before
+
+
+def finer(geometry):
+    """The grid with half the spacing over the same box: each voxel splits into 2x2x2."""
+    return Geometry.create(tuple(2 * n for n in geometry.size), tuple(s / 2 for s in geometry.spacing),
+                           geometry.index_to_physical([[-0.25, -0.25, -0.25]])[0], geometry.direction)
+
+
+def test_finer_output_geometry_reads_the_drawing_on_its_own_grid(scene, quick_prior, fitted_prior, blob_geometry):
+    left, right = two_blobs(blob_geometry)
+    volume = add_volume(scene, blob_geometry)
+    node = add_segmentation(scene, volume)
+    drawn = sparse_planes(left, 0, 6, 2)
+    left_id = draw(node, volume, "left", drawn)
+    draw(node, volume, "right", right)
+    fine_geometry = finer(blob_geometry)
+    fine = add_volume(scene, fine_geometry, "fine")
+
+    prior, steps = fitted_prior
+    new_id, result = reconstruct_segment(node, left_id, fine, prior=prior, steps=steps, show_3d=False)
+
+    # the planes are found on the grid they were drawn on
+    holding = np.nonzero(drawn.any(axis=(1, 2)))[0]
+    assert result.reports[0]["observed_planes"][0]["indices"] == holding.tolist()
+    assert not result.reports[0]["output"]["keeps_drawn_planes"]  # the engine's rule on another grid
+    assert Geometry.create(**{k: result.reports[0]["output"][k] for k in ("size", "spacing", "origin",
+                                                                          "direction")}).same_grid(fine_geometry)
+    # written on the fine grid
+    image = slicer.vtkOrientedImageData()
+    node.GetBinaryLabelmapRepresentation(new_id, image)
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    assert np.allclose([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], _ijk_to_ras(fine), atol=1e-6)
+    # the network's shape on the fine grid follows the drawing on its planes (two fine planes each)
+    reconstructed = exported(scene, node, new_id, fine)
+    upsampled = drawn.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    fine_planes = np.sort(np.r_[2 * holding, 2 * holding + 1])
+    on_planes = reconstructed[fine_planes].astype(bool), upsampled[fine_planes].astype(bool)
+    assert 2 * (on_planes[0] & on_planes[1]).sum() / (on_planes[0].sum() + on_planes[1].sum()) > 0.8
+    # the default output geometry is unchanged: the drawing's grid, no resampling
+    job = prepare(node, left_id, prior=quick_prior)
+    assert job.drawing_grid is None and job.grid.geometry.same_grid(blob_geometry, tol=1e-6)
+
+
+def test_all_segments_leave_out_the_reconstructed_ones(scene, quick_prior, blob_geometry):
+    left, right = two_blobs(blob_geometry)
+    volume = add_volume(scene, blob_geometry)
+    node = add_segmentation(scene, volume)
+    ids = [draw(node, volume, "left", sparse_planes(left, 0, 6, 2)),
+           draw(node, volume, "right", sparse_planes(right, 0, 6, 2))]
+    segmentation = node.GetSegmentation()
+    first, _ = reconstruct_segment(node, ids[0], prior=quick_prior, show_3d=False)
+    assert segmentation.GetSegment(first).HasTag("MetaShapeRecon.Reconstructed")
+    assert not segmentation.GetSegment(ids[0]).HasTag("MetaShapeRecon.Reconstructed")
+
+    again, result = reconstruct_segment(node, None, prior=quick_prior, show_3d=False)
+
+    assert [r["segment"]["id"] for r in result.reports] == ids
+    assert [segmentation.GetSegment(i).GetName() for i in again] == ["left (reconstructed 2)", "right (reconstructed)"]
+    # named explicitly, a reconstruction is still taken
+    assert [s.segment_id for s in prepare(node, [first], prior=quick_prior).segments] == [first]
+    # a segmentation of reconstructions only
+    _, written = reconstruct_segment(node, ids, prior=quick_prior, output="new_segmentation", show_3d=False)
+    created = scene.GetNodeByID(written.segmentation_node_id)
+    before = snapshot(scene)
+    with pytest.raises(InputError, match="every segment of the segmentation is a reconstruction"):
+        reconstruct_segment(created, None, prior=quick_prior)
+    assert snapshot(scene) == before
+    # a replaced segment is tagged, and untagged again by undo
+    _, replaced = reconstruct_segment(node, ids[1], prior=quick_prior, output="replace", show_3d=False)
+    assert segmentation.GetSegment(ids[1]).HasTag("MetaShapeRecon.Reconstructed")
+    replaced.undo()
+    assert not segmentation.GetSegment(ids[1]).HasTag("MetaShapeRecon.Reconstructed")
+
+
+@pytest.mark.parametrize("case", ["device", "dense drawing", "steps", "interpolation"])
+def test_errors_name_the_module_controls_not_command_line_options(scene, quick_prior, blob_geometry, case):
+    left, _ = two_blobs(blob_geometry)
+    volume = add_volume(scene, blob_geometry)
+    node = add_segmentation(scene, volume)
+    left_id = draw(node, volume, "left", left if case == "dense drawing" else sparse_planes(left, 0, 6, 2))
+    arguments, control = {"device": (dict(device="cuda:7"), "'Device'"),
+                          "dense drawing": ({}, "'Drawn planes'"),
+                          "steps": (dict(steps="many"), "'Adaptation steps'"),
+                          "interpolation": (dict(interpolation=-1.0), "'interpolate close slices'")}[case]
+    before = snapshot(scene)
+    with pytest.raises(InputError) as caught:
+        reconstruct_segment(node, left_id, prior=quick_prior, **arguments)
+    message = str(caught.value)
+    assert control in message and "--" not in message, message
+    assert message.startswith("segment 'left': ")
+    assert snapshot(scene) == before
+
+
+def test_a_labelmap_volume_is_not_taken_for_a_segmentation(scene, quick_prior, blob_geometry):
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "drawing")
+    before = snapshot(scene)
+    for call in (lambda: reconstruct_segment(labelmap, None, prior=quick_prior),
+                 lambda: prepare(labelmap, "Segment_1", prior=quick_prior)):
+        with pytest.raises(InputError, match="import the labelmap into a segmentation first"):
+            call()
+    assert snapshot(scene) == before
+
+
+@pytest.mark.parametrize("output", ["new_segmentation", "new_segment"])
+def test_show_3d_off_makes_no_surface(scene, quick_prior, blob_geometry, output):
+    left, _ = two_blobs(blob_geometry)
+    volume = add_volume(scene, blob_geometry)
+    node = add_segmentation(scene, volume)
+    left_id = draw(node, volume, "left", sparse_planes(left, 0, 6, 2))
+
+    new_id, result = reconstruct_segment(node, left_id, prior=quick_prior, output=output, show_3d=False,
+                                         export_model=True)
+
+    target = scene.GetNodeByID(result.segmentation_node_id)
+    assert not target.GetSegmentation().ContainsRepresentation("Closed surface")
+    assert target.GetSegmentation().GetSegment(new_id).GetRepresentation("Closed surface") is None
+    # the model still gets its surface, in the segment's colour
+    model = scene.GetNodeByID(result.model_node_ids[0])
+    assert model.GetPolyData().GetNumberOfPoints() > 100
+    assert model.GetDisplayNode().GetColor() == pytest.approx(target.GetSegmentation().GetSegment(new_id).GetColor())
+    # with Show 3D on, the surface is made and shown
+    on_id, on = reconstruct_segment(node, left_id, prior=quick_prior, output=output)
+    shown = scene.GetNodeByID(on.segmentation_node_id)
+    assert shown.GetSegmentation().GetSegment(on_id).GetRepresentation("Closed surface") is not None
+    assert shown.GetDisplayNode().GetSegmentVisibility3D(on_id)
+
+
 def test_reference_volume_under_another_linear_transform(scene, blob_geometry):
     """The output grid is expressed in the segmentation's frame, whatever transforms the nodes are under."""
     volume = add_volume(scene, blob_geometry)
