@@ -165,16 +165,21 @@ def take_steps(steps: Iterator[Step], start: Mapping[str, torch.Tensor], count: 
     return params, losses
 
 
+IMPROVEMENT = 1e-6  # the least fall of the context loss that counts as progress (`steps_until_converged`)
+
+
 def steps_until_converged(steps: Iterator[Step], start: Mapping[str, torch.Tensor], patience: int,
                           max_steps: int, progress: Optional[Progress] = None,
                           on_step: Optional[OnStep] = None) -> Tuple[Params, List[float]]:
     """Steps of `steps` until the context loss has not improved for `patience` steps (or
-    `max_steps`); returns the weights of the lowest loss seen and the loss before each step."""
+    `max_steps`); returns the weights of the lowest loss seen and the loss before each step
+    (`best_step` says after how many steps those weights came, `converged` whether it stopped
+    before `max_steps`)."""
     before, losses = dict(start), []
     best, best_loss, since_best = before, float("inf"), 0
     for after, loss in islice(steps, max_steps):
         losses.append(loss)
-        if loss < best_loss - 1e-6:  # `loss` is that of the weights before this step
+        if loss < best_loss - IMPROVEMENT:  # `loss` is that of the weights before this step
             best, best_loss, since_best = before, loss, 0
         else:
             since_best += 1
@@ -185,6 +190,21 @@ def steps_until_converged(steps: Iterator[Step], start: Mapping[str, torch.Tenso
             break
         before = after
     return best, losses
+
+
+def best_step(losses: List[float]) -> int:
+    """After how many steps came the weights `steps_until_converged` returned with these losses
+    (the loss before step n + 1 is that of the weights after n steps)."""
+    best, best_loss = 0, float("inf")
+    for step, loss in enumerate(losses):
+        if loss < best_loss - IMPROVEMENT:
+            best, best_loss = step, loss
+    return best
+
+
+def converged(losses: List[float], patience: int) -> bool:
+    """Whether `steps_until_converged` stopped because the loss stopped improving (not at max_steps)."""
+    return bool(losses) and len(losses) - 1 - best_step(losses) >= patience
 
 
 def to_tensors(coords: np.ndarray, target: np.ndarray, device) -> Tuple[torch.Tensor, torch.Tensor]:

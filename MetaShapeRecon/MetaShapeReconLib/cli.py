@@ -12,6 +12,7 @@ Bad input ends with a one-line message on stderr, exit status 2 and no output fi
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ from .errors import Cancelled, InputError
 
 EXIT_INPUT_ERROR = 2
 PROGRAM = "metashaperecon"
+MAX_OUTPUT_VOXELS = 2 ** 31  # --output-spacing: beyond this the output alone is gigabytes
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="demo-output", help="where to write results (default: demo-output)")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
-    commands.add_parser("priors", help="list the bundled priors")
+    priors = commands.add_parser("priors", help="list the bundled priors (a broken one with its reason)")
+    for command in (rec, demo, priors):  # --debug after the command too, as the internal-error text suggests
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -97,6 +101,7 @@ def add_reconstruction_options(parser: argparse.ArgumentParser) -> None:
 def run_reconstruct(args) -> dict:
     from .labelmap_io import LABELMAP_SUFFIXES, atomic_output, check_writable, read_labelmap, write_labelmap
     from .pipeline import reconstruct, resolve_device
+    from .planes import parse_slices
     from .prior import load_prior
     from .surface import SURFACE_SUFFIXES, surface_from_labelmap, write_surface
 
@@ -105,15 +110,26 @@ def run_reconstruct(args) -> dict:
         check_writable(args.surface, "surface", SURFACE_SUFFIXES)
     if args.report:
         check_writable(args.report, "report", (".json",))
-    if args.output_spacing is not None and args.output_spacing <= 0:
-        raise InputError("--output-spacing must be a positive number of millimetres")
+    check_distinct(args.input, [("output", args.output), ("--surface", args.surface), ("--report", args.report)])
+    spacing = args.output_spacing
+    if spacing is not None and not (math.isfinite(spacing) and spacing > 0):
+        raise InputError(f"--output-spacing {spacing}: expected a finite positive number of millimetres")
+    if args.smoothing < 0:
+        raise InputError(f"--smoothing {args.smoothing}: expected 0 (none) or more iterations")
+    parse_slices(args.slices)  # a bad rule fails before any work
 
     started = time.perf_counter()
     resolve_device(args.device)  # fail before any work when the device is not there
     prior = load_prior(args.prior)  # first: says so when no prior is available at all
     labels, geometry = read_labelmap(args.input)
     loaded = time.perf_counter()
-    output_geometry = geometry.resampled(args.output_spacing) if args.output_spacing else None
+    output_geometry = None
+    if spacing:
+        voxels = math.prod(max(1.0, n * s / spacing) for n, s in zip(geometry.size, geometry.spacing))
+        if voxels > MAX_OUTPUT_VOXELS:
+            raise InputError(f"--output-spacing {spacing}: the output grid would hold about {voxels:.3g} voxels, "
+                             f"more than {MAX_OUTPUT_VOXELS:,}; choose a coarser spacing")
+        output_geometry = geometry.resampled(spacing)
     result = reconstruct(labels, geometry, prior, steps=args.steps, slices=args.slices, label=args.label,
                          device=args.device, output_geometry=output_geometry, evaluation=args.evaluation,
                          progress=ProgressLine(not args.quiet), precision=args.precision,
@@ -124,18 +140,39 @@ def run_reconstruct(args) -> dict:
 
     report = result.report
     report["input"] = os.path.abspath(args.input)
+    report["output"]["path"] = os.path.abspath(args.output)
     report["timings_s"].update(load=loaded - started, surface=surfaced - surface_started)
     with ExitStack() as outputs:  # every file lands together, or none does
+        # entered in reverse: the stack moves the last entered first, so the labelmap lands first and a
+        # failure to move it leaves neither surface nor report
+        report_path = outputs.enter_context(atomic_output(args.report)) if args.report else None
+        surface_path = outputs.enter_context(atomic_output(args.surface)) if polydata is not None else None
         write_labelmap(outputs.enter_context(atomic_output(args.output)), result.labels, result.geometry,
                        atomic=False)
         if polydata is not None:
-            write_surface(outputs.enter_context(atomic_output(args.surface)), polydata, atomic=False)
+            write_surface(surface_path, polydata, atomic=False)
             report["surface"] = {"path": os.path.abspath(args.surface), "triangles": polydata.GetNumberOfCells()}
         report["timings_s"]["total"] = time.perf_counter() - started
-        if args.report:
-            with open(outputs.enter_context(atomic_output(args.report)), "w") as handle:
+        if report_path:
+            with open(report_path, "w") as handle:
                 json.dump(report, handle, indent=2)
     return report
+
+
+def check_distinct(input_path: str, outputs) -> None:
+    """Refuse an output that would replace the input, or two outputs on one file."""
+    seen = {os.path.realpath(input_path): "the input"}
+    for kind, path in outputs:
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        same = seen.get(real)
+        if same is None and os.path.exists(path):  # hard links and case-insensitive file systems
+            same = next((name for other, name in seen.items() if os.path.exists(other)
+                         and os.path.samefile(other, path)), None)
+        if same is not None:
+            raise InputError(f"{kind} {path} is the same file as {same}; name another file")
+        seen[real] = kind
 
 
 def summary(report: dict) -> str:
@@ -157,8 +194,12 @@ def run_priors() -> None:
     if not priors:
         print(f"no prior is bundled yet (searched: {', '.join(bundled_prior_dirs()) or 'nothing'})")
         return
-    for name, path in priors.items():
-        card = load_prior(path).card
+    for name, path in priors.items():  # a broken prior is listed with its reason; the others still are
+        try:
+            card = load_prior(path).card
+        except InputError as error:
+            print(f"{name:14s} BROKEN: {error}")
+            continue
         print(f"{name:14s} {card.get('anatomy', ''):14s} steps={card.get('adaptation', {}).get('steps')}  {path}")
 
 

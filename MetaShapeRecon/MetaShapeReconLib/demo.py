@@ -39,18 +39,34 @@ def _fill_between_slices(sparse: np.ndarray, planes, geometry):
     return result, time.perf_counter() - started
 
 
+def check_output_dir(output_dir: str) -> None:
+    """Refuse an output folder that cannot be made or written: a file of that name, or under one."""
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(f"--output-dir {output_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise InputError(f"--output-dir {output_dir}: folder {existing} is not writable")
+
+
 def run_demo(prior_name: str = "kidney", output_dir: str = "demo-output", device: str = "auto") -> dict:
     from .labelmap_io import read_labelmap, write_labelmap
-    from .pipeline import dice, reconstruct, structure_mask
+    from .pipeline import dice, reconstruct, resolve_device, structure_mask
     from .planes import select_planes
     from .prior import load_prior
     from .surface import surface_from_labelmap, write_surface
 
+    resolve_device(device)  # bad input fails before the folder is made
+    check_output_dir(output_dir)
     folder = sample_dir()
     prior = load_prior(prior_name)
     sparse, geometry = read_labelmap(os.path.join(folder, "sparse.nii.gz"))
     truth, _ = read_labelmap(os.path.join(folder, "truth.nii.gz"))
-    os.makedirs(output_dir, exist_ok=True)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--output-dir {output_dir}: cannot make the folder ({error.strerror or error})") from None
 
     reconstruct(sparse, geometry, prior, steps=1, device=device)  # warm-up: first-call costs excluded
     started = time.perf_counter()

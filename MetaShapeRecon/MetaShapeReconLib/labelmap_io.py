@@ -4,11 +4,14 @@ Writes go to a temporary folder next to the destination and are renamed into pla
 failure never leaves a half-written output behind.
 """
 
+import gzip
 import os
 import shutil
+import struct
 import tempfile
+import zlib
 from contextlib import contextmanager
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -16,6 +19,8 @@ from .errors import InputError
 from .geometry import Geometry
 
 LABELMAP_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_IO = {".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO", ".nrrd": "NrrdImageIO", ".seg.nrrd": "NrrdImageIO",
+            ".nhdr": "NrrdImageIO", ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
 
 
 def _suffix(path: str) -> str:
@@ -26,6 +31,71 @@ def _suffix(path: str) -> str:
     return os.path.splitext(name)[1]
 
 
+def _nifti_data_end(head: bytes) -> Optional[int]:
+    """Where a single-file NIfTI-1 or -2 image's voxel data ends (bytes from the file's start), from
+    its header; None when `head` is not such a header."""
+    for order in "<>":
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348 and head[344:347] == b"n+1":
+            header = 348
+            dims = struct.unpack(order + "8h", head[40:56])
+            bitpix = struct.unpack(order + "h", head[72:74])[0]
+            offset = int(struct.unpack(order + "f", head[108:112])[0])
+            break
+        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540 and head[4:7] == b"n+2":
+            header = 540
+            bitpix = struct.unpack(order + "h", head[14:16])[0]
+            dims = struct.unpack(order + "8q", head[16:80])
+            offset = struct.unpack(order + "q", head[168:176])[0]
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7 or any(d < 0 for d in dims[1:dims[0] + 1]) or bitpix <= 0:
+        return None
+    return max(offset, header) + int(np.prod(dims[1:dims[0] + 1], dtype=np.float64)) * bitpix // 8
+
+
+def _check_complete(path: str) -> None:
+    """Raise InputError when a NIfTI file holds less data than its header says, or a gzip stream
+    ends early: ITK would fill the rest with zeros. Reads a .gz to its end (cheap for labelmaps)."""
+    name = path.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    with open(path, "rb") as handle:
+        gzipped = handle.read(2) == b"\x1f\x8b"
+        handle.seek(0)
+        if not gzipped:
+            head, length = handle.read(540), os.fstat(handle.fileno()).st_size
+    if gzipped:
+        try:
+            with gzip.open(path, "rb") as stream:
+                head = stream.read(540)
+                length = len(head)
+                for block in iter(lambda: stream.read(1 << 22), b""):
+                    length += len(block)
+        except (EOFError, gzip.BadGzipFile, zlib.error):
+            raise InputError(f"{path} is truncated or corrupt (its compressed data ends early or is damaged)") from None
+    expected = _nifti_data_end(head)
+    if expected is not None and length < expected:
+        raise InputError(f"{path} is truncated or corrupt ({length} bytes of the {expected} its header says)")
+
+
+def _metaimage_reason(path: str) -> str:
+    """Why MetaImage could not read `path`: ITK blames errno, which says "No such file" even
+    for a truncated file."""
+    if path.lower().endswith(".mhd"):
+        try:
+            with open(path, errors="replace") as handle:
+                fields = dict(line.split("=", 1) for line in handle if "=" in line)
+        except OSError:
+            fields = {}
+        data = {k.strip(): v.strip() for k, v in fields.items()}.get("ElementDataFile", "")
+        if data and data not in ("LOCAL", "LIST") and " " not in data and "%" not in data:
+            data_path = os.path.join(os.path.dirname(os.path.abspath(path)), data)
+            if not os.path.isfile(data_path):
+                return f"cannot read {path}: its data file {data_path} does not exist"
+    return f"{path} is truncated or corrupt (MetaImage could not read all its data)"
+
+
 def read_labelmap(path: str) -> Tuple[np.ndarray, Geometry]:
     """Read a 3-D labelmap; returns an integer array indexed (i, j, k) and its geometry."""
     import SimpleITK as sitk
@@ -33,8 +103,19 @@ def read_labelmap(path: str) -> Tuple[np.ndarray, Geometry]:
     if not os.path.isfile(path):
         raise InputError(f"input file not found: {path}")
     try:
-        image = sitk.ReadImage(str(path))
+        _check_complete(path)
+        with open(path, "rb"):  # ITK would blame a missing file for a permission problem
+            pass
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        suffix = _suffix(path)
+        # ITK knows only lower-case suffixes: name the reader of an upper-case one (O.NII.GZ, O.MHA)
+        reader = IMAGE_IO.get(suffix, "") if suffix in LABELMAP_SUFFIXES and not path.endswith(suffix) else ""
+        image = sitk.ReadImage(str(path), imageIO=reader)
     except RuntimeError as error:
+        if "MetaImageIO" in str(error) and _suffix(path) in (".mha", ".mhd"):
+            raise InputError(_metaimage_reason(path)) from None
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown format"
         raise InputError(f"cannot read {path} as an image ({reason})") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -75,6 +156,8 @@ def check_writable(path: str, kind: str, suffixes: Tuple[str, ...]) -> None:
     """Fail early, before any work, when an output cannot be written."""
     if _suffix(path) not in suffixes:
         raise InputError(f"{kind} {path}: unsupported file type; use one of {', '.join(suffixes)}")
+    if os.path.isdir(path):
+        raise InputError(f"{kind} {path}: a folder of that name is there; name a file")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise InputError(f"{kind} {path}: folder {folder} does not exist")
@@ -110,7 +193,13 @@ def write_labelmap(path: str, labels: np.ndarray, geometry: Geometry, atomic: bo
 
     image = labelmap_image(labels.astype(np.uint8, copy=False), geometry)
     if not atomic:
-        sitk.WriteImage(image, path, useCompression=True)
+        # ITK picks the format by the suffix as spelt (O.NII.GZ fails, O.MHA becomes O.mhd + O.zraw):
+        # write under the lower-case suffix, then give the file the name asked for
+        suffix = _suffix(path)
+        written = path[:len(path) - len(suffix)] + suffix
+        sitk.WriteImage(image, written, useCompression=True)
+        if written != path:
+            os.replace(written, path)
         return
     with atomic_output(path) as temporary:
-        sitk.WriteImage(image, temporary, useCompression=True)
+        write_labelmap(temporary, labels, geometry, atomic=False)

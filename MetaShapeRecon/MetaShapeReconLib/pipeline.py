@@ -10,6 +10,7 @@ Slicer module and the benchmarks share.
    that touch nothing drawn are removed.
 """
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -17,7 +18,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .adaptation import Progress, report, steps_until_converged, take_steps
+from .adaptation import Progress, best_step, converged, report, steps_until_converged, take_steps
 from .baselines import interpolated_signed_distance
 from .errors import InputError
 from .frame import CanonicalFrame, centre_frame, fits_in_frame, observed_foreground_points
@@ -35,7 +36,7 @@ class Reconstruction:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    device = (device or "auto").lower()
+    device = str(device or "auto").strip().lower()
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
@@ -97,6 +98,8 @@ def structure_mask(labels: np.ndarray, label: Optional[int] = None) -> np.ndarra
     """The structure as a boolean mask: voxels equal to `label`, or every non-zero voxel."""
     if label is None:
         mask = labels != 0
+    elif label == 0:
+        raise InputError("label 0 is the background; name the structure's label (e.g. --label 1)")
     else:
         mask = labels == label
         if not mask.any():
@@ -215,6 +218,7 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
     progress(step, total, loss) -> bool is called through adaptation and evaluation and may
     cancel by returning False. Raises InputError on unusable input, Cancelled on cancel."""
     started = time.perf_counter()
+    device = str(device or "auto").strip().lower()  # once: the GPU -> CPU fallback below compares it
     auto_steps = isinstance(steps, str) and steps.lower() == "auto"
     if steps is None or auto_steps:
         fixed_steps = prior.default_steps
@@ -241,6 +245,10 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
     if len(coords) == 0:
         raise InputError("no observed voxel lies inside the prior's frame")
     warnings = []
+    ignored = _drawn_off_planes(mask, planes)
+    if ignored:
+        warnings.append(f"{ignored} drawn voxel(s) lie off the observed planes and were ignored "
+                        "(see --slices)")
     if not fits_in_frame(frame, observed_foreground_points(mask, planes, geometry)):
         warnings.append(f"the drawn structure is larger than the prior's {prior.frame_spec.extent_mm} mm frame; "
                         "parts outside it are not reconstructed")
@@ -252,7 +260,7 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
     interpolate_seconds = time.perf_counter() - interpolating
 
     attempts = [torch_device]
-    if device in (None, "auto") and torch_device.type == "cuda":
+    if device == "auto" and torch_device.type == "cuda":
         attempts.append(torch.device("cpu"))  # graceful fallback when the GPU is too small
     for attempt in attempts:
         try:
@@ -267,6 +275,13 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
                 raise InputError(f"out of memory on {attempt}: try --device cpu or a coarser --output-spacing") from None
             warnings.append("the GPU ran out of memory; reconstructed on the CPU instead")
     output, losses, network, timings, steps_taken, context = result
+    steps_used = steps_taken
+    if auto_steps:
+        steps_used = best_step(losses)
+        max_steps = int(prior.adaptation["auto"]["max_steps"])
+        if max_steps and not converged(losses, int(prior.adaptation["auto"]["patience"])):
+            warnings.append(f"--steps auto: the loss was still improving after max_steps = {max_steps} "
+                            "(the prior's adaptation.auto.max_steps); the result may not have converged")
     if evidence is not None:
         timings = dict(interpolate=interpolate_seconds, **timings)
 
@@ -283,8 +298,10 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
     voxel_ml = float(np.prod(output_geometry.spacing)) / 1000.0
     record = {
         "prior": prior.name,
-        "prior_path": prior.path,
+        "prior_path": os.path.abspath(prior.path) if prior.path else None,
+        "label": label,
         "steps": steps_taken,
+        "steps_used": steps_used,
         "steps_mode": "auto" if auto_steps else "fixed",
         "device": device_description(torch_device),
         "precision": precision_name(network.precision),
@@ -305,6 +322,13 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
         "timings_s": dict(timings, reconstruct=time.perf_counter() - started),
     }
     return Reconstruction(output, output_geometry, record)
+
+
+def _drawn_off_planes(mask: np.ndarray, planes: ObservedPlanes) -> int:
+    """How many foreground voxels of the drawing lie on no observed plane (never used)."""
+    either = [np.nonzero(mask.any(axis=others))[0] for others in ((1, 2), (0, 2), (0, 1))]
+    box = tuple(slice(int(e[0]), int(e[-1]) + 1) for e in either)
+    return int(mask.sum()) - int(mask[box][observed_mask(mask.shape, planes, box)].sum())
 
 
 def _adapt_and_evaluate(prior: Prior, device: torch.device, coords: np.ndarray, target: np.ndarray, seed: int,

@@ -17,8 +17,12 @@ SliceRule = Tuple[str, int, int]  # (axis name, step, offset)
 
 
 def parse_slices(spec: str) -> Optional[List[SliceRule]]:
-    """`auto` -> None; `AXIS:STEP[:OFFSET][,AXIS:STEP[:OFFSET]...]` -> rules."""
-    spec = (spec or "auto").strip().lower()
+    """`auto` (or None) -> None; `AXIS:STEP[:OFFSET][,AXIS:STEP[:OFFSET]...]` -> rules."""
+    if spec is None:
+        return None
+    spec = spec.strip().lower()
+    if not spec:  # an empty value is a mistake (an unset shell variable), not a request for auto
+        raise InputError("--slices is empty: expected auto or AXIS:STEP[:OFFSET] (e.g. sagittal:8:4)")
     if spec == "auto":
         return None
     rules = []

@@ -253,19 +253,25 @@ def save_prior(prior: Prior, path: str) -> str:
 
 
 def resolve_prior_path(name_or_path: str) -> str:
-    candidate = name_or_path
-    for suffix in (".safetensors", ".json"):
-        if candidate.endswith(suffix):
-            candidate = candidate[:-len(suffix)]
-    if os.path.isfile(candidate + ".safetensors") or os.path.sep in name_or_path or os.path.isfile(name_or_path):
+    """The .safetensors file of a prior. A bare name is a prior found by name ($METASHAPERECON_PRIORS,
+    then the bundled ones), never a file in the current folder; a value with a path separator or
+    ending in .safetensors or .json is a file."""
+    separators = [os.path.sep] + ([os.path.altsep] if os.path.altsep else [])
+    if any(sep in name_or_path for sep in separators) or name_or_path.endswith((".safetensors", ".json")):
+        candidate = name_or_path
+        for suffix in (".safetensors", ".json"):
+            if candidate.endswith(suffix):
+                candidate = candidate[:-len(suffix)]
         return candidate + ".safetensors"
     available = list_bundled_priors()
     if name_or_path in available:
         return available[name_or_path]
+    here = (f" (for the file in this folder, pass ./{name_or_path}.safetensors)"
+            if os.path.isfile(name_or_path + ".safetensors") else "")
     if not available:
         raise InputError(f"prior {name_or_path!r} not found: no prior is bundled yet; pass a prior file "
-                         "with --prior PATH.safetensors (train one with `python -m training`)")
-    raise InputError(f"prior {name_or_path!r} not found; bundled priors: {', '.join(sorted(available))}")
+                         f"with --prior PATH.safetensors (train one with `python -m training`){here}")
+    raise InputError(f"prior {name_or_path!r} not found; bundled priors: {', '.join(sorted(available))}{here}")
 
 
 def _check_card(card: dict, where: str) -> Siren:
@@ -317,12 +323,19 @@ def load_prior(name_or_path: str = "kidney", device="cpu") -> Prior:
             card = json.load(handle)
         if not isinstance(card, dict):
             raise ValueError("not a JSON object")
+    except OSError as error:
+        raise InputError(f"cannot read prior model card {card_path}: {error.strerror or error}") from None
     except (ValueError, UnicodeDecodeError) as error:
         raise InputError(f"prior model card {card_path} is not valid JSON ({error})") from None
     model = _check_card(card, card_path)
-    expected_hash = card.get("weights_sha256")
-    if expected_hash and expected_hash != _sha256(tensor_path):
-        raise InputError(f"prior {tensor_path} is corrupt: its checksum does not match the model card")
+    try:
+        with open(tensor_path, "rb"):  # a permission problem is not a corrupt file
+            pass
+        expected_hash = card.get("weights_sha256")
+        if expected_hash and expected_hash != _sha256(tensor_path):
+            raise InputError(f"prior {tensor_path} is corrupt: its checksum does not match the model card")
+    except OSError as error:
+        raise InputError(f"cannot read prior {tensor_path}: {error.strerror or error}") from None
     try:
         tensors = load_file(tensor_path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:

@@ -387,3 +387,148 @@ def test_priors_command_lists_priors_by_name(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("METASHAPERECON_PRIORS", str(tmp_path))
     assert cli.main(["priors"]) == 0
     assert "listed-prior" in capsys.readouterr().out
+
+
+# --- outputs that must not land, inputs that must not read as a success --------------------------------------
+
+def quick_run(*argv):
+    """cli.main on the untrained prior without adaptation; the exit status."""
+    return cli.main(list(argv) + ["--prior", untrained_prior_file(), "--steps", "0", "--device", "cpu", "--quiet"])
+
+
+def check_refused(capsys, code, phrase):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("metashaperecon: error:") and phrase in err, err
+
+
+def test_a_truncated_input_is_refused(sphere_input, tmp_path, capsys):
+    source = tmp_path / "in" / "cut.nii.gz"
+    source.parent.mkdir()
+    data = open(sphere_input[0], "rb").read()
+    source.write_bytes(data[:len(data) // 2])
+    out = tmp_path / "out"
+    out.mkdir()
+    code = quick_run("reconstruct", str(source), str(out / "o.nii.gz"), "--slices", "axial:4")
+    check_refused(capsys, code, "is truncated or corrupt")
+    assert os.listdir(out) == []
+
+
+def test_a_folder_named_like_the_output_is_refused_before_any_work(sphere_input, tmp_path, capsys):
+    (tmp_path / "o.nii.gz").mkdir()
+    code = quick_run("reconstruct", sphere_input[0], str(tmp_path / "o.nii.gz"), "--slices", "axial:4",
+                     "--surface", str(tmp_path / "s.vtk"), "--report", str(tmp_path / "r.json"))
+    check_refused(capsys, code, "a folder of that name")
+    assert os.listdir(tmp_path) == ["o.nii.gz"] and os.listdir(tmp_path / "o.nii.gz") == []
+
+
+def test_a_labelmap_that_cannot_be_moved_into_place_leaves_neither_surface_nor_report(sphere_input, tmp_path,
+                                                                                      monkeypatch):
+    real_replace = os.replace
+
+    def replace(source, destination):
+        if str(destination).endswith("o.nii.gz"):
+            raise OSError(28, "No space left on device", str(destination))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", replace)
+    code = quick_run("reconstruct", sphere_input[0], str(tmp_path / "o.nii.gz"), "--slices", "axial:4",
+                     "--surface", str(tmp_path / "s.vtk"), "--report", str(tmp_path / "r.json"))
+    assert code == 1
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_output_may_not_replace_the_input_or_another_output(sphere_input, tmp_path, capsys):
+    source = tmp_path / "drawing.nii.gz"
+    shutil.copy(sphere_input[0], source)
+    before = source.read_bytes()
+    check_refused(capsys, quick_run("reconstruct", str(source), str(source), "--slices", "axial:4"),
+                  "is the same file as the input")
+    link = tmp_path / "link.nii.gz"
+    link.symlink_to(source)
+    check_refused(capsys, quick_run("reconstruct", str(source), str(link), "--slices", "axial:4"),
+                  "is the same file as the input")
+    mesh = tmp_path / "mesh.vtk"
+    mesh.symlink_to(tmp_path / "o.nii.gz")  # dangling: a surface written through it would replace the output
+    check_refused(capsys, quick_run("reconstruct", str(source), str(tmp_path / "o.nii.gz"), "--slices", "axial:4",
+                                    "--surface", str(mesh)), "is the same file as output")
+    assert source.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["drawing.nii.gz", "link.nii.gz", "mesh.vtk"]
+
+
+def test_upper_case_output_suffixes_write_exactly_the_named_files(sphere_input, tmp_path):
+    code = quick_run("reconstruct", sphere_input[0], str(tmp_path / "O.NII.GZ"), "--slices", "axial:4",
+                     "--surface", str(tmp_path / "S.VTK"), "--report", str(tmp_path / "R.JSON"))
+    assert code == 0
+    assert quick_run("reconstruct", sphere_input[0], str(tmp_path / "O.MHA"), "--slices", "axial:4") == 0
+    assert sorted(os.listdir(tmp_path)) == ["O.MHA", "O.NII.GZ", "R.JSON", "S.VTK"]
+    for name in ("O.NII.GZ", "O.MHA"):
+        assert read_labelmap(str(tmp_path / name))[1].size == sphere_input[2].size
+
+
+@pytest.mark.parametrize("spacing,phrase", [("nan", "finite positive"), ("inf", "finite positive"),
+                                            ("0", "finite positive"), ("1e-6", "choose a coarser spacing")])
+def test_output_spacing_must_be_finite_positive_and_not_too_fine(sphere_input, tmp_path, capsys, spacing, phrase):
+    code = quick_run("reconstruct", sphere_input[0], str(tmp_path / "o.nii.gz"), "--slices", "axial:4",
+                     "--report", str(tmp_path / "r.json"), "--output-spacing", spacing)
+    check_refused(capsys, code, phrase)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("option,phrase", [(["--smoothing", "-3"], "--smoothing -3"),
+                                           (["--label", "0"], "label 0 is the background"),
+                                           (["--slices", ""], "--slices is empty")])
+def test_small_bad_values_are_refused(sphere_input, tmp_path, capsys, option, phrase):
+    argv = ["reconstruct", sphere_input[0], str(tmp_path / "o.nii.gz"), "--surface", str(tmp_path / "s.vtk")]
+    if "--slices" not in option:
+        argv += ["--slices", "axial:4"]
+    check_refused(capsys, quick_run(*(argv + option)), phrase)
+    assert os.listdir(tmp_path) == []
+
+
+def test_debug_is_accepted_after_the_command():
+    parser = cli.build_parser()
+    assert parser.parse_args(["reconstruct", "a.nii.gz", "b.nii.gz", "--debug"]).debug is True
+    assert parser.parse_args(["--debug", "reconstruct", "a.nii.gz", "b.nii.gz"]).debug is True
+    assert parser.parse_args(["reconstruct", "a.nii.gz", "b.nii.gz"]).debug is False
+    assert parser.parse_args(["priors", "--debug"]).debug is True
+
+
+def test_report_names_the_output_the_label_and_an_absolute_prior_path(sphere_input, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prior = os.path.relpath(untrained_prior_file())
+    assert not os.path.isabs(prior)
+    code = cli.main(["reconstruct", sphere_input[0], "o.nii.gz", "--prior", prior, "--steps", "0", "--label", "1",
+                     "--slices", "axial:4", "--device", "cpu", "--report", "r.json", "--quiet"])
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["output"]["path"] == str(tmp_path / "o.nii.gz")
+    assert report["label"] == 1
+    assert report["prior_path"] == untrained_prior_file()
+    assert report["steps_used"] == report["steps"] == 0
+
+
+def test_priors_lists_every_prior_and_marks_a_broken_one(tmp_path, monkeypatch, capsys):
+    copy_prior(untrained_prior_file(), str(tmp_path), "a-broken-one")
+    with open(tmp_path / "a-broken-one.json", "w") as handle:
+        handle.write("{not json")
+    copy_prior(untrained_prior_file(), str(tmp_path), "b-good-one")
+    monkeypatch.setenv("METASHAPERECON_PRIORS", str(tmp_path))
+    assert cli.main(["priors"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    broken = [line for line in lines if line.startswith("a-broken-one")]
+    assert len(broken) == 1 and "BROKEN" in broken[0] and "not valid JSON" in broken[0]
+    assert any(line.startswith("b-good-one") and "BROKEN" not in line for line in lines)
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/sub", "cuda"])
+def test_demo_refuses_a_bad_folder_or_device_and_makes_nothing(tmp_path, monkeypatch, capsys, where):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("in the way\n")
+    if where == "cuda":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        argv, phrase = ["demo", "--device", "cuda", "--output-dir", "d3"], "CUDA is not available"
+    else:
+        argv, phrase = ["demo", "--output-dir", where], "is a file, not a folder"
+    check_refused(capsys, cli.main(argv), phrase)
+    assert os.listdir(tmp_path) == ["a-file"]

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from fitted import OBLIQUE_DIRECTION, oblique_geometry
 from MetaShapeReconLib.errors import InputError
 from MetaShapeReconLib.geometry import Geometry
-from MetaShapeReconLib.labelmap_io import atomic_output, check_writable, read_labelmap, write_labelmap
+from MetaShapeReconLib.labelmap_io import atomic_output, check_writable, labelmap_image, read_labelmap, write_labelmap
 
 SUFFIXES = [".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".mha", ".mhd"]
 
@@ -134,3 +134,78 @@ def test_atomic_output_leaves_nothing_on_failure_and_usual_permissions_on_succes
 def test_oblique_direction_is_a_rotation():
     np.testing.assert_allclose(OBLIQUE_DIRECTION @ OBLIQUE_DIRECTION.T, np.eye(3), atol=1e-12)
     assert np.abs(OBLIQUE_DIRECTION).max() < np.cos(np.radians(15))  # nowhere near axis-aligned
+
+
+def unreadable(path, monkeypatch):
+    """Make `path` unreadable: mode 000, and for root (whom modes do not stop) an open() that refuses it."""
+    os.chmod(path, 0)
+    try:
+        open(path, "rb").close()
+    except PermissionError:
+        return
+    real_open = open
+
+    def refusing_open(file, *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and os.path.abspath(file) == os.path.abspath(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refusing_open)
+
+
+def _truncated(tmp_path, suffix):
+    geometry = oblique_geometry((20, 18, 16))
+    labels = np.zeros(geometry.size, np.uint8)
+    labels[5:15, 4:14, 3:13] = 1
+    path = str(tmp_path / ("case" + suffix))
+    if suffix == ".nii":  # uncompressed: cut the voxel data
+        sitk.WriteImage(labelmap_image(labels, geometry), path)
+    else:
+        write_labelmap(path, labels, geometry)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as handle:
+        handle.truncate(size * 2 // 3 if suffix != ".nii.gz" else size - 20)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".mha"])
+def test_a_truncated_file_is_refused_not_read_as_zeros(tmp_path, suffix):
+    path = _truncated(tmp_path, suffix)
+    with pytest.raises(InputError, match="is truncated or corrupt") as error:
+        read_labelmap(path)
+    assert "\n" not in str(error.value) and "No such file" not in str(error.value)
+
+
+def test_a_header_whose_data_file_is_missing_says_so(tmp_path):
+    path = str(tmp_path / "case.mhd")
+    write_labelmap(path, np.ones((4, 4, 4), np.uint8), Geometry.create((4, 4, 4), (1.0, 1.0, 1.0)))
+    os.remove(str(tmp_path / "case.zraw"))
+    with pytest.raises(InputError, match=r"data file .*case\.zraw does not exist"):
+        read_labelmap(path)
+
+
+def test_an_unreadable_input_says_it_cannot_be_read(tmp_path, monkeypatch):
+    path = str(tmp_path / "case.nii.gz")
+    write_labelmap(path, np.ones((4, 4, 4), np.uint8), Geometry.create((4, 4, 4), (1.0, 1.0, 1.0)))
+    unreadable(path, monkeypatch)
+    with pytest.raises(InputError, match="cannot read .*case.nii.gz: Permission denied"):
+        read_labelmap(path)
+
+
+def test_check_writable_refuses_a_folder_in_the_way(tmp_path):
+    (tmp_path / "out.nii.gz").mkdir()
+    with pytest.raises(InputError, match="a folder of that name"):
+        check_writable(str(tmp_path / "out.nii.gz"), "output", (".nii.gz",))
+
+
+@pytest.mark.parametrize("name,suffix", [("CASE.NII.GZ", ".nii.gz"), ("Case.MHA", ".mha"), ("CASE.Nrrd", ".nrrd")])
+def test_upper_case_suffixes_write_and_read_exactly_the_named_file(tmp_path, name, suffix):
+    geometry = oblique_geometry((7, 6, 5), (0.7, 1.1, 3.0))
+    labels = (np.arange(7 * 6 * 5).reshape(7, 6, 5) % 2).astype(np.uint8)
+    path = str(tmp_path / name)
+    check_writable(path, "output", (suffix,))
+    write_labelmap(path, labels, geometry)
+    assert os.listdir(tmp_path) == [name]
+    read, read_geometry = read_labelmap(path)
+    np.testing.assert_array_equal(read, labels)
+    assert_same_geometry(read_geometry, geometry)

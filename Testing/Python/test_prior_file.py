@@ -307,3 +307,35 @@ def test_meta_steps_default_to_the_steps_meta_training_unrolled(saved):
     edit_card(stem, lambda c: c.update(adaptation={"steps": 8, "meta_steps": 3}))
     prior = load_prior(stem)
     assert (prior.default_steps, prior.meta_steps) == (8, 3)
+
+
+def test_a_bare_name_is_never_a_file_in_the_current_folder(saved, tmp_path, monkeypatch):
+    """`--prior kidney` means the prior found by name, even with a kidney.safetensors in the
+    current folder; a path (./kidney.safetensors) or a .safetensors name means that file."""
+    prior, stem = saved
+    by_name = tmp_path / "by-name"
+    by_name.mkdir()
+    save_prior(prior, str(by_name / "kidney.safetensors"))
+    here = tmp_path / "here"
+    here.mkdir()
+    save_prior(prior, str(here / "kidney.safetensors"))
+    monkeypatch.setenv("METASHAPERECON_PRIORS", str(by_name))
+    monkeypatch.chdir(here)
+    assert resolve_prior_path("kidney") == str(by_name / "kidney.safetensors")
+    assert os.path.abspath(resolve_prior_path("./kidney.safetensors")) == str(here / "kidney.safetensors")
+    assert os.path.abspath(resolve_prior_path("kidney.safetensors")) == str(here / "kidney.safetensors")
+    assert os.path.abspath(resolve_prior_path("kidney.json")) == str(here / "kidney.safetensors")
+    os.rename("kidney.safetensors", "mine.safetensors")
+    os.rename("kidney.json", "mine.json")
+    with pytest.raises(InputError, match=r"'mine' not found.*pass \./mine\.safetensors"):
+        resolve_prior_path("mine")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".safetensors"])
+def test_an_unreadable_prior_file_says_it_cannot_be_read(saved, monkeypatch, suffix):
+    from test_geometry_io import unreadable
+
+    _, stem = saved
+    unreadable(stem + suffix, monkeypatch)
+    with pytest.raises(InputError, match=f"cannot read prior .*roundtrip{suffix}: Permission denied"):
+        load_prior(stem + ".safetensors")

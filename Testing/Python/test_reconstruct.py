@@ -491,3 +491,62 @@ def test_steps_beyond_the_meta_steps_continue_with_adam(small_case):
     assert two["steps"] == five["steps"] == 5
     assert two["loss"][:3] == pytest.approx(five["loss"][:3], rel=1e-6)  # the same two learned steps
     assert two["loss"][3] != pytest.approx(five["loss"][3], rel=1e-3)  # then Adam against a third
+
+
+def test_best_step_and_converged_follow_until_converged():
+    from MetaShapeReconLib.adaptation import best_step, converged, steps_until_converged
+
+    stream = iter([({"w": torch.tensor(float(i))}, loss) for i, loss in enumerate([5.0, 3.0, 4.0, 4.0, 2.0], 1)])
+    best, losses = steps_until_converged(stream, {"w": torch.tensor(0.0)}, patience=2, max_steps=10)
+    assert best_step(losses) == float(best["w"]) == 1 and converged(losses, patience=2)
+    falling = [5.0, 4.0, 3.0]  # max_steps reached while the loss still fell
+    assert best_step(falling) == 2 and not converged(falling, patience=2)
+    assert best_step([]) == 0 and not converged([], patience=2)
+
+
+def test_auto_steps_reports_the_step_used_and_warns_at_max_steps(small_case):
+    sparse, geometry, _, _ = small_case
+    capped = quick_prior(hidden_features=32, extent_mm=64.0, context_points=1024, max_steps=4)
+    report = reconstruct(sparse, geometry, capped, steps="auto", device="cpu").report
+    assert report["steps"] == 4 and report["steps_mode"] == "auto"
+    assert report["steps_used"] == int(np.argmin(report["loss"])) <= 3  # the weights of the lowest loss
+    assert any("max_steps = 4" in w for w in report["warnings"]), report["warnings"]
+    fixed = reconstruct(sparse, geometry, capped, steps=2, device="cpu").report
+    assert fixed["steps"] == fixed["steps_used"] == 2 and not fixed["warnings"]
+
+
+def test_drawn_voxels_off_the_named_planes_are_counted_in_a_warning(small_case):
+    sparse, geometry, _, prior = small_case
+    drawn = sparse.copy()
+    drawn[12:15, 10:13, 8:11] = 1  # a blob between the sagittal planes 9 and 15
+    report = reconstruct(drawn, geometry, prior, steps=0, slices="sagittal:6:3", device="cpu").report
+    assert "27 drawn voxel(s) lie off the observed planes and were ignored (see --slices)" in report["warnings"]
+    clean = reconstruct(sparse, geometry, prior, steps=0, slices="sagittal:6:3", device="cpu").report
+    assert clean["warnings"] == []
+
+
+def test_label_0_and_an_empty_slices_value_are_refused(small_case):
+    sparse, geometry, _, prior = small_case
+    with pytest.raises(InputError, match="label 0 is the background"):
+        reconstruct(sparse, geometry, prior, steps=0, label=0, device="cpu")
+    with pytest.raises(InputError, match="--slices is empty"):
+        reconstruct(sparse, geometry, prior, steps=0, slices=" ", device="cpu")
+
+
+def test_device_auto_in_any_case_falls_back_to_the_cpu(small_case, monkeypatch):
+    """AUTO is auto: a GPU that runs out of memory hands the work to the CPU."""
+    from MetaShapeReconLib import pipeline
+
+    sparse, geometry, _, prior = small_case
+    original = pipeline._adapt_and_evaluate
+
+    def gpu_too_small(prior, device, *args, **kwargs):
+        if device.type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return original(prior, device, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(pipeline, "_adapt_and_evaluate", gpu_too_small)
+    report = reconstruct(sparse, geometry, prior, steps=0, device="AUTO").report
+    assert report["device"].startswith("cpu")
+    assert "the GPU ran out of memory; reconstructed on the CPU instead" in report["warnings"]
