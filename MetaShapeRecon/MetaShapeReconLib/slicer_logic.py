@@ -498,6 +498,7 @@ def compute(job: ReconstructionJob, progress: Optional[Progress] = None,
                                  precision=job.precision, interpolation=job.interpolation)
         except InputError as error:
             raise InputError(f"segment '{segment.name}': {_name_controls(str(error))}") from None
+        result.report["warnings"] = [_name_controls(w) for w in result.report.get("warnings", [])]
         if not segment.on_lattice:
             result.report.setdefault("warnings", []).append(
                 "the segment was drawn on another grid than the reference geometry and was resampled onto it")

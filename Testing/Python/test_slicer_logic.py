@@ -830,3 +830,15 @@ def test_worker_warms_pytorch_up_before_the_first_reconstruction():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["True", "True", "None", "True"], done.stderr[-2000:]
+
+
+def test_warnings_name_the_module_controls_too(scene, quick_prior, blob_geometry):
+    left, _ = two_blobs(blob_geometry)
+    volume = add_volume(scene, blob_geometry)
+    node = add_segmentation(scene, volume)
+    left_id = draw(node, volume, "left", sparse_planes(left, 0, 6, 2))
+
+    _, result = reconstruct_segment(node, left_id, prior=quick_prior, slices="i:12:2", show_3d=False)
+
+    off = [w for w in result.reports[0]["warnings"] if "lie off the observed planes" in w]
+    assert len(off) == 1 and "'Drawn planes'" in off[0] and "--" not in off[0], result.reports[0]["warnings"]
