@@ -9,16 +9,18 @@ for the meta-learned prior. Saved as safetensors + JSON (a baseline, not an engi
 import json
 import os
 import time
+from contextlib import ExitStack
 from typing import Tuple
 
 import numpy as np
 import torch
+from MetaShapeReconLib.labelmap_io import atomic_output
 from MetaShapeReconLib.siren import reconstruction_loss
 from torch import nn
 
 from .data import TaskSampler
 from .logs import CsvLog
-from .maml import average_gradients_across_processes, load_optimizer, save_optimizer, start_run
+from .maml import average_gradients_across_processes, make_run_folder, resume_state, save_optimizer, start_run
 from .progress import progress_bar
 
 
@@ -85,14 +87,16 @@ def fit_latent(model: AutoDecoder, coords: torch.Tensor, target: torch.Tensor, s
 
 
 def save_autodecoder(path: str, model: AutoDecoder, latents: torch.Tensor, card: dict) -> None:
+    """Both files through temporary ones, as `save_prior`: a kill while saving keeps the earlier pair."""
     from safetensors.torch import save_file
 
     stem = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
     tensors = {f"weights.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors["latents"] = latents.detach().cpu().contiguous()
-    save_file(tensors, stem + ".safetensors")
-    with open(stem + ".json", "w") as handle:
-        json.dump(dict(card, architecture=model.architecture()), handle, indent=2)
+    with ExitStack() as outputs:
+        save_file(tensors, outputs.enter_context(atomic_output(stem + ".safetensors")))
+        with open(outputs.enter_context(atomic_output(stem + ".json")), "w") as handle:
+            json.dump(dict(card, architecture=model.architecture()), handle, indent=2)
 
 
 def load_autodecoder(path: str, device="cpu") -> Tuple[AutoDecoder, dict]:
@@ -120,16 +124,19 @@ def train_autodecoder(config: dict, out_dir: str, resume: bool = False, shapes=N
     if resume and os.path.isfile(checkpoint + ".safetensors"):
         from safetensors.torch import load_file
 
-        stored, _ = load_autodecoder(checkpoint + ".safetensors", device)
+        stored, stored_card = load_autodecoder(checkpoint + ".safetensors", device)
         model.load_state_dict(stored.state_dict())
         latents.data.copy_(load_file(checkpoint + ".safetensors")["latents"].to(device))
-        state = load_optimizer(optimizer, checkpoint + ".optimizer.safetensors")
-        start, elapsed = int(state.get("iteration", 0)), float(state.get("seconds", 0))
+        start, _ = resume_state(checkpoint, optimizer)
+        elapsed = float(stored_card.get("training", {}).get("seconds", 0))
     model.requires_grad_(True)
     task_seed = int(config["seed"]) + start + 100003 * rank  # each process draws its own shapes
     sampler = TaskSampler(config, seed=task_seed)
     rng = np.random.default_rng(task_seed)
-    log = CsvLog(os.path.join(out_dir, "log.csv"), ["iteration", "loss", "seconds"], enabled=rank == 0)
+    if rank == 0:
+        make_run_folder(out_dir)
+    log = CsvLog(os.path.join(out_dir, "log.csv"), ["iteration", "loss", "seconds"], enabled=rank == 0,
+                 keep_until=start if resume else None)  # rows after the checkpoint are written again
     iterations = int(settings["iterations"])
     bar = progress_bar(total=iterations, initial=start, disable=rank > 0, desc="autodecoder", unit="it")
     started = time.perf_counter() - elapsed
@@ -151,7 +158,7 @@ def train_autodecoder(config: dict, out_dir: str, resume: bool = False, shapes=N
         average_gradients_across_processes(optimizer)  # under torchrun: one model, trained on every process's shapes
         optimizer.step()
         log.write(iteration=iteration + 1, loss=float(loss.detach()), seconds=time.perf_counter() - started)
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)  # drawn at the bar's mininterval
         bar.update(1)
         if rank == 0 and ((iteration + 1) % int(config["checkpoint"]["every"]) == 0 or iteration + 1 == iterations):
             card["training"] = {"method": "autodecoder", "iterations": iteration + 1, "device": str(device),

@@ -1,4 +1,4 @@
-"""`python -m training <command>`: prepare, train, tune, evaluate, export (and publish, bench).
+r"""`python -m training <command>`: prepare, train, tune, evaluate, export (and publish, bench).
 
 Each command reads a YAML config (defaults: training/config.py) and `--set key.path=value`
 overrides, e.g.
@@ -17,6 +17,9 @@ import argparse
 import json
 import os
 import sys
+
+import yaml
+from MetaShapeReconLib.errors import InputError
 
 from .config import load_config
 
@@ -78,6 +81,13 @@ def main(argv=None) -> int:
     publish.add_argument("--out", default="docs")
 
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (InputError, OSError, yaml.YAMLError) as error:  # a missing or unreadable file: one line, no traceback
+        raise SystemExit(f"python -m training {args.command}: {' '.join(str(error).split())}") from None
+
+
+def _run(args) -> int:
     if args.command == "publish":
         from .publish import publish as publish_results
 
@@ -93,9 +103,7 @@ def main(argv=None) -> int:
 
         print(json.dumps(prepare(config, workers=args.workers), indent=1))
     elif args.command == "train":
-        if not args.resume and os.path.isfile(os.path.join(args.out, "checkpoint.safetensors")):
-            raise SystemExit(f"{args.out} already holds a training run: add --resume to continue it, "
-                             "or choose another --out")
+        _check_run_folder(args.out, args.method, args.resume)
         if args.method == "maml":
             from .maml import train_maml as train_method
         elif args.method == "pretrain":
@@ -111,9 +119,17 @@ def main(argv=None) -> int:
     elif args.command == "tune":
         from .tune import format_row, header, parse_setting, tune, validation_shapes
 
+        name = parse_setting(args.setting)[0]
         shapes = validation_shapes(config)
-        print(header(parse_setting(args.setting)[0], len(shapes), config), flush=True)
-        tune(config, args.prior, args.setting, shapes, report=lambda row: print(format_row(row), flush=True))
+        rows = []
+
+        def report(row):  # the header with the first row: tune checks every value before it
+            if not rows:
+                print(header(name, len(shapes), config), flush=True)
+            rows.append(row)
+            print(format_row(row), flush=True)
+
+        tune(config, args.prior, args.setting, shapes, report=report)
     elif args.command == "bench":
         from .bench import bench_outer_step
 
@@ -123,6 +139,24 @@ def main(argv=None) -> int:
 
         print(export_prior(config, args.prior, args.name, args.results, args.out))
     return 0
+
+
+def _check_run_folder(out: str, method: str, resume: bool) -> None:
+    """A folder with a checkpoint or a log holds a run (one killed before its first checkpoint
+    too): it is continued with --resume only, and by the method that wrote its checkpoint."""
+    held = any(os.path.isfile(os.path.join(out, name))
+               for name in ("checkpoint.safetensors", "log.csv", "validation.csv"))
+    if held and not resume:
+        raise SystemExit(f"{out} already holds a training run: add --resume to continue it, or choose another --out")
+    card_path = os.path.join(out, "checkpoint.json")
+    if resume and os.path.isfile(card_path):
+        with open(card_path) as handle:
+            card = json.load(handle)
+        earlier = "autodecoder" if card.get("format") == "metashaperecon-autodecoder" \
+            else card.get("training", {}).get("method")
+        if earlier and earlier != method:
+            raise SystemExit(f"{out} holds a {earlier} run: resume it with --method {earlier}, "
+                             "or choose another --out")
 
 
 def _leave_process_group() -> None:

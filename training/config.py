@@ -19,6 +19,12 @@ DEFAULTS: Dict[str, Any] = {
                                      # float32 or bfloat16; meta-training has its own (maml.precision)
     "threads": 0,                    # CPU threads for torch (0: torch's default); 1 is most efficient
                                      # for these small matrices on a busy 2-core machine
+    # what `export` writes into the model card (empty: not given)
+    "dataset_name": "",
+    "description": "",
+    "license": "",
+    "attribution": "",
+    "training_note": "",
     "data": {
         "layout": "folder",          # kits19 | verse | msd | folder | synthetic
         "root": "",
@@ -31,6 +37,7 @@ DEFAULTS: Dict[str, Any] = {
         "split": {"test": 0.2, "val": 0.1, "folds": 5},
         "split_file": "",            # committed split file; written by prepare when absent
         "max_cases": 0,              # 0: all (smoke runs use a handful)
+        "synthetic": {"count": 64, "seed": None},  # layout synthetic: shapes drawn (seed None: the config's)
     },
     "frame": {"extent_mm": 128.0},
     "model": {"hidden_features": 128, "linear_layers": 7, "omega_0": 30.0},
@@ -85,9 +92,10 @@ DEFAULTS: Dict[str, Any] = {
     # at 8 mm plane gaps, times (8 mm / gap)^interpolation_gap_power at others;
     # logit_offset is added to the adapted network's logits before the threshold (negative: the
     # boundary moves in; the targets of tasks.target_mix over-represent the structure)
+    # meta_steps: the steps with learned sizes (null: as many as the run's maml.inner_steps)
     "adaptation": {"steps": 5, "context_points": 8192, "context_sampling": "uniform", "fresh_context": False,
                    "later_context_points": None, "first_step_scale": 1.0, "interpolation_weight": 0.0,
-                   "interpolation_gap_power": 4.0, "logit_offset": 0.0},
+                   "interpolation_gap_power": 4.0, "logit_offset": 0.0, "meta_steps": None},
     "validation": {"every": 250, "cases": 12, "slices": "sagittal:8"},
     "checkpoint": {"every": 100},
     "evaluate": {
@@ -126,24 +134,85 @@ def parse_value(text: str) -> Any:
         return yaml.safe_load(text)
 
 
+# settings whose value is one number or a list of them (one per axis), beside the default's number
+NUMBER_OR_LIST = {"frame.extent_mm"}
+# counts that must be at least this (a 0 divides by zero or trains nothing; validation.every 0: never)
+MINIMUM = {"maml.iterations": 1, "maml.meta_batch": 1, "maml.inner_steps": 1, "pretrain.iterations": 1,
+           "pretrain.batch_shapes": 1, "autodecoder.iterations": 1, "autodecoder.batch_shapes": 1,
+           "checkpoint.every": 1, "validation.every": 0}
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Dict[str, Any]:
-    """DEFAULTS, updated by the YAML file, updated by `key.path=value` overrides."""
+    """DEFAULTS, updated by the YAML file, updated by `key.path=value` overrides; unknown keys,
+    values of the wrong type and impossible counts are refused before anything runs."""
     config = copy.deepcopy(DEFAULTS)
     if path:
         import yaml
 
         with open(path) as handle:
-            deep_update(config, yaml.safe_load(handle) or {})
+            loaded = yaml.safe_load(handle) or {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"{path}: expected a mapping of settings (key: value), not a {type(loaded).__name__}")
+        deep_update(config, loaded)
     for override in overrides or []:
         if "=" not in override:
             raise SystemExit(f"--set {override!r}: expected key.path=value")
         key, text = override.split("=", 1)
-        node = config
+        node, default = config, DEFAULTS
         parts = key.split(".")
-        for part in parts[:-1]:
+        for index, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
-        node[parts[-1]] = parse_value(text)
+            if not isinstance(node, dict):
+                raise SystemExit(f"--set {override!r}: {'.'.join(parts[:index + 1])} is a single value, "
+                                 "not a section")
+            default = default.get(part) if isinstance(default, dict) else None
+        value = parse_value(text)
+        if isinstance(default, dict) and isinstance(default.get(parts[-1]), str) and not isinstance(value, str):
+            value = text  # a name or path that reads as a number or is empty stays the text given
+        node[parts[-1]] = value
+    check_config(config, DEFAULTS)
     for key, value in (("precision", config["precision"]), ("maml.precision", config["maml"]["precision"])):
         if str(value).lower() not in PRECISIONS:  # refused before any long run starts
             raise SystemExit(f"{key} {value!r}: expected {', '.join(PRECISIONS)}")
+    for key, least in MINIMUM.items():
+        section, name = key.split(".")
+        if config[section][name] < least:
+            raise SystemExit(f"{key} {config[section][name]!r}: expected a count >= {least}")
     return config
+
+
+def check_config(config: Dict[str, Any], defaults: Dict[str, Any], prefix: str = "") -> None:
+    """Every key one of the defaults' (within sections whose default is a dict of settings),
+    every value of its default's type (a number, bool or string; None and lists: anything)."""
+    import difflib
+
+    for key, value in config.items():
+        name = prefix + str(key)
+        if key not in defaults:
+            close = difflib.get_close_matches(str(key), [str(k) for k in defaults], n=3)
+            hint = (f"did you mean {' or '.join(prefix + c for c in close)}?" if close
+                    else f"expected one of {', '.join(map(str, defaults))}")
+            raise SystemExit(f"unknown config key {name!r}: {hint}")
+        default = defaults[key]
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise SystemExit(f"{name} {value!r}: expected a section of settings ({', '.join(default)})")
+            check_config(value, default, name + ".")
+        elif name in NUMBER_OR_LIST and isinstance(value, list):
+            if not value or not all(_is_number(v) for v in value):
+                raise SystemExit(f"{name} {value!r}: expected a number or a list of numbers")
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise SystemExit(f"{name} {value!r}: expected true or false")
+        elif isinstance(default, int):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise SystemExit(f"{name} {value!r}: expected a whole number")
+        elif isinstance(default, float):
+            if not _is_number(value):
+                raise SystemExit(f"{name} {value!r}: expected a number")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise SystemExit(f"{name} {value!r}: expected a string")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

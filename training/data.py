@@ -58,6 +58,14 @@ def load_shapes(cache: str, cases: Optional[Sequence[str]] = None, boundary_mm: 
                 limit: int = 0) -> List[Shape]:
     index = load_index(cache)
     wanted = set(cases) if cases is not None else None
+    # a split naming cases the cache lacks would train on a subset unnoticed (max_cases: a deliberate one)
+    if wanted and not index.get("max_cases"):
+        cached = set(index.get("cases") or [entry["case"] for entry in index["shapes"]])
+        missing = sorted(wanted - cached)
+        if missing:
+            raise SystemExit(f"{len(missing)} case(s) of the split are not in the cache {cache}: "
+                             f"{', '.join(missing[:10])}{', ...' if len(missing) > 10 else ''} "
+                             "(prepare them, or check data.split_file)")
     shapes = []
     for entry in index["shapes"]:
         if wanted is not None and entry["case"] not in wanted:

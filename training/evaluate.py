@@ -14,10 +14,13 @@ go to markdown and CSV, Dice against time to a PNG like its Fig. 2, and `summary
 model card.
 """
 
+import copy
 import csv
 import json
 import os
+import shlex
 import time
+from contextlib import ExitStack
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -25,6 +28,8 @@ import torch
 from MetaShapeReconLib.adaptation import choose_context, steps_until_converged, take_steps, to_tensors
 from MetaShapeReconLib.baselines import fill_between_slices, signed_distance_interpolation
 from MetaShapeReconLib.frame import FrameSpec, centre_frame
+from MetaShapeReconLib.geometry import PATIENT_AXES
+from MetaShapeReconLib.labelmap_io import atomic_output
 from MetaShapeReconLib.occupancy import WithInterpolation, evaluate_grid
 from MetaShapeReconLib.pipeline import (
     dice,
@@ -250,17 +255,72 @@ def evaluate_case(shape: Shape, setting: str, methods: Dict[str, object], config
     return rows
 
 
+METHODS = ("maml", "pretrain", "autodecoder", "fill_between_slices", "sdf_interpolation")
+
+
+def check_settings(settings: Sequence[str], key: str = "evaluate.settings") -> None:
+    """Input setting names as `setting_planes` reads them, refused before any work starts."""
+    for setting in settings:
+        if setting in ("orthogonal", "two_orientations"):
+            continue
+        axis, _, width = str(setting).partition(":")
+        try:
+            valid = axis in PATIENT_AXES and float(width) > 0
+        except ValueError:
+            valid = False
+        if not valid:
+            raise SystemExit(f"{key}: unknown input setting {setting!r}: expected AXIS:W (AXIS one of "
+                             f"{', '.join(PATIENT_AXES)}, W in mm), orthogonal or two_orientations")
+
+
+def check_evaluation(config: dict) -> None:
+    """The evaluate section's methods and settings, refused before any work starts."""
+    ev = config["evaluate"]
+    if not ev["settings"] or not ev["methods"]:
+        raise SystemExit("evaluate.settings and evaluate.methods must each name at least one")
+    unknown = [m for m in ev["methods"] if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"evaluate.methods: unknown method {unknown[0]!r}: expected some of {', '.join(METHODS)}")
+    check_settings(ev["settings"])
+    check_settings(ev["trajectory_settings"], "evaluate.trajectory_settings")
+
+
+def transfer_targets(specs: Sequence[str], config: dict) -> List[Tuple[str, List[Shape]]]:
+    """`--transfer NAME=CONFIG` -> (name, test shapes of that config), read before the long run."""
+    targets = []
+    for spec in specs:
+        name, sep, other_path = spec.partition("=")
+        if not sep or not name.strip() or not other_path.strip():
+            raise SystemExit(f"--transfer {spec!r}: expected NAME=CONFIG (e.g. left_atrium=training/configs/left_atrium.yaml)")
+        if not os.path.isfile(other_path):
+            raise SystemExit(f"--transfer {spec}: config {other_path} not found")
+        other = load_config(other_path)
+        other_shapes = load_shapes(other["data"]["cache"], load_split(other)["test"], 2.0,
+                                   limit=int(config["evaluate"]["transfer_cases"]))
+        if not other_shapes:
+            raise SystemExit(f"--transfer {spec}: no test shapes in {other['data']['cache']} (check its cache and split)")
+        targets.append((name, other_shapes))
+    return targets
+
+
 def run_evaluation(config: dict, args) -> None:
     from .autodecoder import load_autodecoder
 
-    # read before the long run: a wrong file fails at once
+    # read and check everything before the long run: a wrong file or setting fails at once
+    check_evaluation(config)
     earlier_rows = read_rows(args.reuse) if getattr(args, "reuse", None) else []
     earlier_transfer = read_rows(args.reuse_transfer, "--reuse-transfer") if getattr(args, "reuse_transfer", None) else []
     for row in earlier_transfer:
         row.setdefault("setting", "sagittal:8")  # the transfer table's only input (older files omit it)
+    split = load_split(config)
+    shapes = load_shapes(config["data"]["cache"], split["test"], float(config["tasks"]["boundary_mm"]),
+                         limit=int(config["evaluate"]["cases"]))
+    if not shapes:
+        raise SystemExit(f"no test shapes: none of the split's {len(split['test'])} test cases is in "
+                         f"{config['data']['cache']} (check the cache and the split)")
+    targets = transfer_targets(getattr(args, "transfer", []), config)
     device = resolve_device(config["device"])
     precision = evaluation_precision(config, device)
-    os.makedirs(args.out, exist_ok=True)
     methods: Dict[str, object] = {}
     wanted = config["evaluate"]["methods"]
     if args.prior and "maml" in wanted:
@@ -272,18 +332,15 @@ def run_evaluation(config: dict, args) -> None:
     for name in ("fill_between_slices", "sdf_interpolation"):
         if name in wanted:
             methods[name] = True
-    split = load_split(config)
-    shapes = load_shapes(config["data"]["cache"], split["test"], float(config["tasks"]["boundary_mm"]),
-                         limit=int(config["evaluate"]["cases"]))
+    if not methods:
+        raise SystemExit(f"nothing to evaluate: evaluate.methods {wanted} names none of the files given "
+                         "(--prior, --pretrain, --autodecoder)")
     settings = list(config["evaluate"]["settings"])
     rows = evaluate_settings(shapes, settings, methods, config, device, "evaluate")
+    if not rows:
+        raise SystemExit("no results: no setting drew a plane through any test shape")
     transfer_rows = []
-    for spec in args.transfer:
-        name, other_path = spec.split("=", 1)
-        other = load_config(other_path)
-        other_split = load_split(other)
-        other_shapes = load_shapes(other["data"]["cache"], other_split["test"], 2.0,
-                                   limit=int(config["evaluate"]["transfer_cases"]))
+    for name, other_shapes in targets:
         siren_methods = {k: v for k, v in methods.items() if k in ("maml", "pretrain")}
         for row in evaluate_settings(other_shapes, ["sagittal:8"], siren_methods, config, device, f"transfer {name}"):
             transfer_rows.append(dict(row, target=name))
@@ -342,7 +399,20 @@ def check_same_inputs(rows: List[dict], earlier: List[dict], source: str, key: s
                              "(another seed or config?)")
 
 
+def warm_up(shapes, settings, methods, config, device) -> None:
+    """One untimed reconstruction of the first shape, each method for one step, result discarded:
+    the first of a process carries one-time costs (kernel set-up, allocations) that would otherwise
+    count against the first shape's seconds. Its own generator: the timed inputs stay those of the seed."""
+    if not shapes or not settings:
+        return
+    brief = copy.deepcopy(config)
+    brief["evaluate"].update(trajectory_settings=[settings[0]], steps=[1])
+    brief["evaluate"]["converge"]["max_steps"] = 1
+    evaluate_case(shapes[0], settings[0], methods, brief, np.random.default_rng(int(config["seed"])), device)
+
+
 def evaluate_settings(shapes, settings, methods, config, device, label) -> List[dict]:
+    warm_up(shapes, settings, methods, config, device)
     rng = np.random.default_rng(int(config["seed"]))
     rows = []
     bar = progress_bar(total=len(shapes) * len(settings), desc=label, unit="input")
@@ -407,14 +477,30 @@ def _format_reach(values, unit=""):
 
 def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config: dict, methods, args,
                   reused: Sequence[str] = ()) -> None:
-    with open(os.path.join(out, "results.csv"), "w", newline="") as handle:
+    """The tables, summary and plot of one evaluation, written to temporaries and moved into `out`
+    together: a failure leaves the folder's earlier evaluation as it was, never a mix."""
+    os.makedirs(out, exist_ok=True)
+    with ExitStack() as outputs:
+        temporary = {name: outputs.enter_context(atomic_output(os.path.join(out, name)))
+                     for name in ("results.csv", "transfer.csv", "dice_time.png", "results.md", "summary.json")}
+        written = _write_results(temporary, rows, transfer_rows, config, methods, args, reused)
+    for name in ("transfer.csv", "dice_time.png"):  # an earlier evaluation's, not this one's
+        if name not in written and os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+
+
+def _write_results(temporary: Dict[str, str], rows: List[dict], transfer_rows: List[dict], config: dict, methods,
+                   args, reused: Sequence[str]) -> List[str]:
+    written = ["results.csv", "results.md", "summary.json"]
+    with open(temporary["results.csv"], "w", newline="") as handle:
         columns = ["method", "setting", "shape", "steps", "dice", "asd", "hd95", "seconds", "converged_steps",
                    "precision"]
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     if transfer_rows:
-        with open(os.path.join(out, "transfer.csv"), "w", newline="") as handle:
+        written.append("transfer.csv")
+        with open(temporary["transfer.csv"], "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["target", "method", "setting", "shape", "steps", "dice", "asd"],
                                     extrasaction="ignore")
             writer.writeheader()
@@ -427,9 +513,10 @@ def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config:
     shapes = sorted({r["shape"] for r in rows})
     lines = [f"# Evaluation: {config['name']}", "",
              f"{len(shapes)} test shapes ({config['data']['layout']} test split, "
-             f"`{config['data'].get('split_file') or 'split.json'}`); Dice, ASD and HD95 against the whole shape on "
+             f"`{config['data'].get('split_file') or os.path.join(config['data']['cache'], 'split.json')}`); "
+             f"Dice, ASD and HD95 against the whole shape on "
              f"its {config['data']['spacing_mm']} mm canonical crop. Command: `python -m training evaluate "
-             f"{' '.join(_command_args(args))}`", ""]
+             f"{shlex.join(_command_args(args))}`", ""]
     if reused:
         earlier = _earlier_command(args.reuse, args.config) if getattr(args, "reuse", None) else None
         lines += [f"Rows of {', '.join(NAMES[m] for m in reused)} are carried over from an earlier evaluation on the "
@@ -531,15 +618,19 @@ def write_results(out: str, rows: List[dict], transfer_rows: List[dict], config:
                         "dice_1": float(np.mean(_at_step(subset, method, "sagittal:8", 1))),
                         "dice_100": float(np.mean(_at_step(subset, method, "sagittal:8", 100)))}
         lines.append("")
-    plot = plot_dice_time(rows, out, [s for s in settings if s.startswith("sagittal")][:1] or settings[:1])
+    # the plot goes into its temporary folder under its own name (dice_time.png)
+    plot = plot_dice_time(rows, os.path.dirname(temporary["dice_time.png"]),
+                          [s for s in settings if s.startswith("sagittal")][:1] or settings[:1])
     if plot:
+        written.append("dice_time.png")
         lines += [f"![Dice against reconstruction time]({os.path.basename(plot)})", ""]
-    with open(os.path.join(out, "results.md"), "w") as handle:
+    with open(temporary["results.md"], "w") as handle:
         handle.write("\n".join(lines))
     summary.update(test_shapes=len(shapes), evaluated=time.strftime("%Y-%m-%d"))
-    with open(os.path.join(out, "summary.json"), "w") as handle:
+    with open(temporary["summary.json"], "w") as handle:
         json.dump(summary, handle, indent=2)
     print("\n".join(lines))
+    return written
 
 
 def _carried_precision(rows: List[dict], reused: Sequence[str]) -> str:
@@ -561,22 +652,25 @@ def _earlier_command(reused_csv: str, config_path: Optional[str]) -> Optional[st
         with open(path) as handle:
             text = handle.read()
         for command in text.split("`")[1::2]:  # the quoted spans
-            if command.startswith(f"python -m training evaluate --config {config_path} ") and \
+            if command.startswith(f"python -m training evaluate --config {shlex.quote(str(config_path))} ") and \
                     ("--pretrain" in command or "--autodecoder" in command):
                 return command
     return None
 
 
 def _command_args(args) -> List[str]:
+    """The command's arguments, one per item: `shlex.join` quotes them so the line pastes back."""
     parts = []
     for key in ("config", "prior", "pretrain", "autodecoder"):
         if getattr(args, key, None):
-            parts.append(f"--{key} {getattr(args, key)}")
-    parts += [f"--set {o}" for o in getattr(args, "overrides", [])]
-    parts += [f"--transfer {t}" for t in getattr(args, "transfer", [])]
-    parts += [f"--{key.replace('_', '-')} {getattr(args, key)}" for key in ("reuse", "reuse_transfer")
-              if getattr(args, key, None)]
-    parts.append(f"--out {args.out}")
+            parts += [f"--{key}", str(getattr(args, key))]
+    for option, values in (("--set", getattr(args, "overrides", [])), ("--transfer", getattr(args, "transfer", []))):
+        for value in values:
+            parts += [option, value]
+    for key in ("reuse", "reuse_transfer"):
+        if getattr(args, key, None):
+            parts += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    parts += ["--out", str(args.out)]
     return parts
 
 
@@ -587,6 +681,8 @@ def plot_dice_time(rows: List[dict], out: str, settings: Sequence[str]) -> Optio
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    if not settings:
         return None
     setting = settings[0]
     figure, ax = plt.subplots(figsize=(6, 4))

@@ -15,13 +15,42 @@ from .data import load_split
 from .maml import card_meta_steps, meta_training_settings
 
 
+def check_prior_matches_config(prior, config: dict, prior_path: str) -> None:
+    """The card takes its data, split and reconstruction settings from the config: refuse a prior
+    that the config's network and frame could not have trained."""
+    architecture, model = prior.model.architecture(), config["model"]
+    for key in ("hidden_features", "linear_layers", "omega_0"):
+        if float(architecture.get(key, -1)) != float(model[key]):
+            raise SystemExit(f"{prior_path}: architecture {key} {architecture.get(key)} differs from the config's "
+                             f"model.{key} {model[key]}: export it with the config it was trained with")
+    extent = config["frame"]["extent_mm"]
+    extent = [float(e) for e in (extent if isinstance(extent, (list, tuple)) else [extent] * 3)]
+    if [float(e) for e in prior.frame_spec.extent_mm] != extent:
+        raise SystemExit(f"{prior_path}: frame extent_mm {list(prior.frame_spec.extent_mm)} differs from the config's "
+                         f"frame.extent_mm {config['frame']['extent_mm']}: export it with the config it was trained with")
+
+
 def export_prior(config: dict, prior_path: str, name: str, results_dir: Optional[str] = None,
                  out_dir: str = "Resources/Priors") -> str:
     prior = load_prior(prior_path)
     card = prior.card
+    check_prior_matches_config(prior, config, prior_path)
+    method = card.get("training", {}).get("method")
+    if method != "maml":  # a B.(ii) network has no learned step sizes: the card's steps would lie
+        raise SystemExit(f"{prior_path}: training.method is {method!r}; only meta-learned priors (maml) are exported")
+    # the card says under which terms and from whose data it was trained: never blank, and never
+    # an earlier card's (a run continued from another anatomy's prior inherits that card)
+    missing = [key for key in ("license", "attribution") if not str(config.get(key) or "").strip()]
+    if missing:
+        raise SystemExit(f"the config has no {' and no '.join(missing)}: add the training data's "
+                         f"{' and '.join(missing)} to it (top-level keys) before exporting")
+    summary = os.path.join(results_dir, "summary.json") if results_dir else None
+    if summary and not os.path.isfile(summary):
+        raise SystemExit(f"--results {results_dir}: no summary.json there (an evaluation folder of "
+                         "`python -m training evaluate`)")
     card["name"] = name
     card["anatomy"] = config.get("anatomy") or card.get("anatomy", "")
-    card["description"] = config.get("description", card.get("description", ""))
+    card["description"] = config.get("description") or card.get("description", "")
     # the run's own settings (recorded by `train`); older priors: those of the config given here
     card["meta_training"] = card.get("training", {}).get("settings") or meta_training_settings(config)
     # reconstruction draws its context the way the prior was meta-trained, whatever this config says;
@@ -36,13 +65,13 @@ def export_prior(config: dict, prior_path: str, name: str, results_dir: Optional
                               interpolation_gap_power=float(config["adaptation"]["interpolation_gap_power"]),
                               logit_offset=float(config["adaptation"].get("logit_offset") or 0.0),
                               context_sampling=card["meta_training"].get("context_sampling", "uniform"))
-    card["license"] = config.get("license", card.get("license", ""))
-    card["attribution"] = config.get("attribution", card.get("attribution", ""))
+    card["license"], card["attribution"] = str(config["license"]), str(config["attribution"])
     try:
         split = load_split(config)
-        split_file = config["data"].get("split_file") or "split.json"
+        # the file load_split read, as the config gives it
+        split_file = config["data"].get("split_file") or os.path.join(config["data"]["cache"], "split.json")
         card["training_data"] = {
-            "dataset": config.get("dataset_name", config["data"]["layout"]),
+            "dataset": config.get("dataset_name") or config["data"]["layout"],
             "layout": config["data"]["layout"], "labels": config["data"].get("labels"),
             "split_file": split_file, "cases": {k: len(split[k]) for k in ("train", "val", "test")},
             "canonical_spacing_mm": config["data"]["spacing_mm"], "mirroring": bool(config["tasks"].get("mirror")),
@@ -60,10 +89,8 @@ def export_prior(config: dict, prior_path: str, name: str, results_dir: Optional
                          "device": training.get("device", "")}
     if config.get("training_note"):
         training["note"] = config["training_note"]
-    if results_dir:
-        summary = os.path.join(results_dir, "summary.json")
-        if os.path.isfile(summary):
-            with open(summary) as handle:
-                card["results"] = json.load(handle)
+    if summary:
+        with open(summary) as handle:
+            card["results"] = json.load(handle)
     os.makedirs(out_dir, exist_ok=True)
     return save_prior(prior, os.path.join(out_dir, name))

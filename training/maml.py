@@ -32,7 +32,8 @@ def card_meta_steps(config: dict, inner_steps: int) -> int:
     """The card's steps with learned sizes: as many as the run's inner loop unrolled, unless
     `adaptation.meta_steps` sets them (a phase that trained the first step alone keeps the shared
     sizes of earlier phases for the next ones)."""
-    return int(config["adaptation"].get("meta_steps", inner_steps))
+    steps = config["adaptation"].get("meta_steps")
+    return int(inner_steps if steps is None else steps)
 
 
 def card_adaptation(config: dict) -> dict:
@@ -94,8 +95,8 @@ def distributed() -> Tuple[int, int]:
 def start_run(config: dict, out_dir: str, shapes: Optional[List[Shape]], val_shapes: Optional[List[Shape]]):
     """What every training method does first: the process group under torchrun, the device,
     the seed (the same initial weights on every process) and the training and validation shapes.
-    Returns (rank, device, shapes, val_shapes)."""
-    os.makedirs(out_dir, exist_ok=True)
+    Returns (rank, device, shapes, val_shapes). The run folder is made later, by `make_run_folder`,
+    once the run's inputs have loaded (a refused run leaves nothing behind)."""
     rank, world = distributed()
     device = resolve_device(config["device"])
     if device.type == "cuda" and world > 1:
@@ -110,6 +111,37 @@ def start_run(config: dict, out_dir: str, shapes: Optional[List[Shape]], val_sha
     if not shapes:
         raise SystemExit("no training shapes: check the cache and the split")
     return rank, device, shapes, val_shapes
+
+
+def make_run_folder(out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+
+
+def resume_state(checkpoint: str, optimizer: torch.optim.Optimizer) -> Tuple[int, Dict[str, str]]:
+    """(iteration, optimiser metadata) of a checkpoint: the iteration the weights' card records,
+    which the optimiser state, written after them, may trail by one checkpoint if a run was killed
+    in between (its Adam moments are then a little older: harmless); no optimiser file: a fresh one."""
+    import json
+
+    with open(checkpoint + ".json") as handle:
+        card = json.load(handle)
+    state = {}
+    if os.path.isfile(checkpoint + ".optimizer.safetensors"):
+        state = load_optimizer(optimizer, checkpoint + ".optimizer.safetensors")
+    iteration = int(card.get("training", {}).get("iterations", state.get("iteration", 0)))
+    return iteration, state
+
+
+def best_so_far(out_dir: str, dice: float) -> float:
+    """The best validation Dice of a resumed run: the checkpoint's, or best.json's when it is
+    higher (a better prior saved after the last checkpoint stays unless beaten)."""
+    import json
+
+    path = os.path.join(out_dir, "best.json")
+    if os.path.isfile(path):
+        with open(path) as handle:
+            dice = max(dice, float(json.load(handle).get("training", {}).get("validation_dice_1_step", -1)))
+    return dice
 
 
 def meta_training_settings(config: dict, first_step_lr: Optional[bool] = None) -> dict:
@@ -261,10 +293,9 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
     start = 0
     if resume and os.path.isfile(checkpoint + ".safetensors"):
         learner = MetaLearner(load_prior(checkpoint + ".safetensors"), config, device)
-        state = load_optimizer(learner.optimizer, checkpoint + ".optimizer.safetensors")
-        start = int(state.get("iteration", 0))
-        best_dice = float(state.get("best_dice", -1))
-        elapsed = float(state.get("seconds", 0))
+        start, state = resume_state(checkpoint, learner.optimizer)
+        best_dice = best_so_far(out_dir, float(state.get("best_dice", -1)))
+        elapsed = float(learner.card.get("training", {}).get("seconds", state.get("seconds", 0)))
     else:  # a new run: from scratch, or continuing an earlier prior (e.g. with a smaller outer step)
         if maml.get("init"):
             initial = load_prior(maml["init"])
@@ -274,7 +305,7 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
         else:
             initial = new_prior(config)
         learner = MetaLearner(initial, config, device)
-        best_dice, elapsed = -1.0, 0.0
+        best_dice, elapsed = (best_so_far(out_dir, -1.0) if resume else -1.0), 0.0
     learner.card.setdefault("training", {})
     run_settings = dict(meta_training_settings(config, learner.first_step_lr is not None),
                         precision=precision_name(learner.precision))
@@ -284,9 +315,12 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
     sampler = TaskSampler(config, seed=task_seed)
     if rank > 0:  # one process writes logs and checkpoints
         return _follow(learner, config, shapes, rng, sampler, start)
+    make_run_folder(out_dir)
+    keep = start if resume else None  # rows after the checkpoint are written again
     log = CsvLog(os.path.join(out_dir, "log.csv"), ["iteration", "loss", "loss_first_step", "loss_last_step",
-                                                     "seconds", "first_order"])
-    val_log = CsvLog(os.path.join(out_dir, "validation.csv"), ["iteration", "setting", "steps", "dice", "seconds"])
+                                                     "seconds", "first_order"], keep_until=keep)
+    val_log = CsvLog(os.path.join(out_dir, "validation.csv"), ["iteration", "setting", "steps", "dice", "seconds"],
+                     keep_until=keep)
     iterations = int(maml["iterations"])
     bar = progress_bar(total=iterations, initial=start, desc="maml", unit="it")
     started = time.perf_counter() - elapsed
@@ -304,7 +338,8 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
         learner.set_outer_lr(iteration)
         values = learner.outer_step(sampler.batch(draw_shapes(shapes, rng, int(maml["meta_batch"]))), first_order)
         log.write(iteration=iteration + 1, seconds=time.perf_counter() - started, first_order=int(first_order), **values)
-        bar.set_postfix(loss=f"{values['loss']:.3f}", first=f"{values['loss_first_step']:.3f}")
+        bar.set_postfix(loss=f"{values['loss']:.3f}", first=f"{values['loss_first_step']:.3f}",
+                        refresh=False)  # the bar's mininterval decides when it is drawn
         bar.update(1)
         done = iteration + 1
         every = int(config["validation"]["every"])

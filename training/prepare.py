@@ -67,7 +67,7 @@ LAYOUTS = {"kits19": _kits19, "msd": _msd, "folder": _folder, "verse": _verse}
 def find_cases(data: dict) -> List[Tuple[str, str, Optional[dict]]]:
     layout = data["layout"]
     if layout not in LAYOUTS:
-        raise SystemExit(f"unknown data layout {layout!r}; one of {', '.join(LAYOUTS)}")
+        raise SystemExit(f"unknown data layout {layout!r}; one of {', '.join([*LAYOUTS, 'synthetic'])}")
     if not os.path.isdir(data["root"]):
         raise SystemExit(f"data root {data['root']!r} is not a folder")
     cases = LAYOUTS[layout](data["root"], data.get("labels"))
@@ -164,10 +164,11 @@ def prepare_synthetic(config: dict) -> Tuple[List[Tuple[str, str, Optional[dict]
     data = config["data"]
     extent = config["frame"]["extent_mm"]
     extent = max(extent) if isinstance(extent, (list, tuple)) else extent
-    settings = data.get("synthetic", {})
+    settings = data.get("synthetic") or {}
+    seed = config["seed"] if settings.get("seed") is None else settings["seed"]
     shapes, cases = [], []
     for case, mask, geometry in synthetic_family(int(settings.get("count", 64)), extent + 2 * float(data["margin_mm"]),
-                                                 seed=int(settings.get("seed", config["seed"]))):
+                                                 seed=int(seed)):
         np.savez_compressed(os.path.join(data["cache"], case + ".npz"), packed=np.packbits(mask.ravel()),
                             shape=np.array(mask.shape))
         found = np.argwhere(mask)
@@ -178,20 +179,22 @@ def prepare_synthetic(config: dict) -> Tuple[List[Tuple[str, str, Optional[dict]
         cases.append((case, "synthetic", None))
     with open(os.path.join(data["cache"], "shapes.json"), "w") as handle:
         json.dump({"frame_extent_mm": [extent] * 3, "spacing_mm": 1.0, "margin_mm": data["margin_mm"],
-                   "layout": "synthetic", "root": "", "shapes": shapes}, handle, indent=1)
+                   "layout": "synthetic", "root": "", "cases": [case for case, _, _ in cases], "shapes": shapes},
+                  handle, indent=1)
     return cases, shapes
 
 
 def prepare(config: dict, workers: int = 2) -> dict:
     data = config["data"]
     cache = data["cache"]
-    os.makedirs(cache, exist_ok=True)
     extent = config["frame"]["extent_mm"]
     extent = extent if isinstance(extent, (list, tuple)) else [extent] * 3
     if data["layout"] == "synthetic":
+        os.makedirs(cache, exist_ok=True)
         cases, shapes = prepare_synthetic(config)
         return _write_split(config, cases, os.path.join(cache, "shapes.json"), shapes)
-    cases = find_cases(data)
+    cases = find_cases(data)  # first: a wrong layout or data root leaves no cache folder behind
+    os.makedirs(cache, exist_ok=True)
     index_path = os.path.join(cache, "shapes.json")
     done: Dict[str, List[dict]] = {}
     if os.path.isfile(index_path):  # resume: keep what an earlier run finished
@@ -209,7 +212,10 @@ def prepare(config: dict, workers: int = 2) -> dict:
         with open(index_path + ".tmp", "w") as handle:
             json.dump({"frame_extent_mm": list(extent), "spacing_mm": data["spacing_mm"], "resampling": RESAMPLING,
                        "margin_mm": data["margin_mm"], "layout": data["layout"], "root": data["root"],
-                       "shapes": shapes}, handle, indent=1)
+                       # every case prepared, those without a structure too (the split names them);
+                       # max_cases: a deliberate subset, which training takes without asking for the rest
+                       "cases": [case for case, _, _ in cases if case in done],
+                       "max_cases": int(data.get("max_cases") or 0), "shapes": shapes}, handle, indent=1)
         os.replace(index_path + ".tmp", index_path)
 
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:

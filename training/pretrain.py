@@ -16,7 +16,7 @@ from MetaShapeReconLib.siren import logits, reconstruction_loss
 
 from .data import TaskSampler
 from .logs import CsvLog
-from .maml import average_gradients_across_processes, load_optimizer, new_prior, save_optimizer, start_run
+from .maml import average_gradients_across_processes, make_run_folder, new_prior, resume_state, save_optimizer, start_run
 from .progress import progress_bar
 from .validate import validate
 
@@ -25,22 +25,25 @@ def train_pretrain(config: dict, out_dir: str, resume: bool = False, shapes=None
     settings = config["pretrain"]
     rank, device, shapes, val_shapes = start_run(config, out_dir, shapes, val_shapes)
     checkpoint = os.path.join(out_dir, "checkpoint")
-    prior = load_prior(checkpoint + ".safetensors") if resume and os.path.isfile(checkpoint + ".safetensors") \
-        else new_prior(config)
+    resuming = resume and os.path.isfile(checkpoint + ".safetensors")
+    prior = load_prior(checkpoint + ".safetensors") if resuming else new_prior(config)
     model = prior.model.to(device)
     params = {k: v.detach().clone().to(device).requires_grad_(True) for k, v in prior.params.items()}
     optimizer = torch.optim.Adam(params.values(), lr=float(settings["lr"]))
     start, elapsed = 0, 0.0
-    if resume and os.path.isfile(checkpoint + ".optimizer.safetensors"):
-        state = load_optimizer(optimizer, checkpoint + ".optimizer.safetensors")
-        start, elapsed = int(state.get("iteration", 0)), float(state.get("seconds", 0))
+    if resuming:
+        start, _ = resume_state(checkpoint, optimizer)
+        elapsed = float(prior.card.get("training", {}).get("seconds", 0))
     task_seed = int(config["seed"]) + start + 100003 * rank  # each process draws its own shapes
     sampler = TaskSampler(config, seed=task_seed)
     rng = np.random.default_rng(task_seed)
     weight_decay = float(config["loss"]["weight_decay"])
-    log = CsvLog(os.path.join(out_dir, "log.csv"), ["iteration", "loss", "seconds"], enabled=rank == 0)
+    if rank == 0:
+        make_run_folder(out_dir)
+    keep = start if resume else None  # rows after the checkpoint are written again
+    log = CsvLog(os.path.join(out_dir, "log.csv"), ["iteration", "loss", "seconds"], enabled=rank == 0, keep_until=keep)
     val_log = CsvLog(os.path.join(out_dir, "validation.csv"), ["iteration", "setting", "steps", "dice", "seconds"],
-                     enabled=rank == 0)
+                     enabled=rank == 0, keep_until=keep)
     iterations = int(settings["iterations"])
     bar = progress_bar(total=iterations, initial=start, disable=rank > 0, desc="pretrain", unit="it")
     started = time.perf_counter() - elapsed
@@ -66,7 +69,7 @@ def train_pretrain(config: dict, out_dir: str, resume: bool = False, shapes=None
         average_gradients_across_processes(optimizer)
         optimizer.step()
         log.write(iteration=iteration + 1, loss=float(loss.detach()), seconds=time.perf_counter() - started)
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)  # drawn at the bar's mininterval
         bar.update(1)
         done = iteration + 1
         every = int(config["validation"]["every"])

@@ -12,7 +12,10 @@ one prior can be re-evaluated and published without the evaluation folders of th
 import json
 import os
 import shutil
+from contextlib import ExitStack
 from typing import Dict, List, Tuple
+
+from MetaShapeReconLib.labelmap_io import atomic_output
 
 HEADLINE_SETTINGS = ["sagittal:8", "sagittal:16", "coronal:16", "axial:16", "orthogonal", "two_orientations"]
 HEADLINE = ["prior", "input", "Ours, 1 step", "Ours, default steps", "Ours, default steps + interpolation",
@@ -48,26 +51,42 @@ def published(path: str) -> Tuple[List[str], Dict[str, List[str]], Dict[str, str
     return names, rows, sections
 
 
-def publish(results: List[str], out: str) -> str:
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "RESULTS.md")
-    earlier_names, earlier_rows, earlier_sections = published(path)
-    sections, headline = {}, {}
-    for spec in results:
-        name, folder = spec.split("=", 1)
+def read_evaluation(spec: str) -> Tuple[str, str, dict, str]:
+    """`NAME=FOLDER` -> (name, folder, its summary.json, its results.md); one-line errors."""
+    name, sep, folder = spec.partition("=")
+    if not sep or not name.strip() or not folder.strip():
+        raise SystemExit(f"--results {spec!r}: expected NAME=FOLDER (e.g. kidney=runs/kidney_evaluation)")
+    try:
         with open(os.path.join(folder, "summary.json")) as handle:
             summary = json.load(handle)
         with open(os.path.join(folder, "results.md")) as handle:
             body = handle.read()
+    except OSError as error:
+        raise SystemExit(f"--results {spec}: {error.filename}: {error.strerror} (an evaluation folder of "
+                         "`python -m training evaluate`)") from None
+    except ValueError as error:
+        raise SystemExit(f"--results {spec}: summary.json is not JSON ({error})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("settings"), dict):
+        raise SystemExit(f"--results {spec}: summary.json has no settings (not written by `python -m training evaluate`)")
+    return name, folder, summary, body
+
+
+def publish(results: List[str], out: str) -> str:
+    # every input read and checked before anything is written: a bad one leaves `out` as it was
+    evaluations = [read_evaluation(spec) for spec in results]
+    path = os.path.join(out, "RESULTS.md")
+    earlier_names, earlier_rows, earlier_sections = published(path)
+    sections, headline, copies = {}, {}, {}
+    for name, folder, summary, body in evaluations:
         plot = os.path.join(folder, "dice_time.png")
         if os.path.isfile(plot):
             target = f"results_{name}_dice_time.png"
-            shutil.copyfile(plot, os.path.join(out, target))
+            copies[target] = plot
             body = body.replace("(dice_time.png)", f"({target})")
         for raw in ("results.csv", "transfer.csv"):  # the per-shape numbers behind the tables
             if os.path.isfile(os.path.join(folder, raw)):
                 target = f"results_{name}_{raw}"
-                shutil.copyfile(os.path.join(folder, raw), os.path.join(out, target))
+                copies[target] = os.path.join(folder, raw)
                 body += f"\nPer-shape numbers: [{target}]({target})\n"
         body = body.replace("\n# ", "\n## ").replace("\n## ", "\n### ").lstrip("# ")
         sections[name] = f"## {name}\n\n" + body
@@ -97,6 +116,10 @@ def publish(results: List[str], out: str) -> str:
     lines.append("")
     for name in order:
         lines.append(sections.get(name) or earlier_sections[name])
-    with open(path, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
+    os.makedirs(out, exist_ok=True)
+    with ExitStack() as outputs:  # the copies and RESULTS.md land together (RESULTS.md last), or none
+        with open(outputs.enter_context(atomic_output(path)), "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+        for target, source in copies.items():
+            shutil.copyfile(source, outputs.enter_context(atomic_output(os.path.join(out, target))))
     return path

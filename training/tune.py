@@ -16,7 +16,7 @@ from MetaShapeReconLib.prior import check_adaptation, load_prior
 
 from .config import parse_value
 from .data import load_shapes, load_split
-from .evaluate import evaluate_settings, evaluation_precision
+from .evaluate import check_settings, evaluate_settings, evaluation_precision
 from .maml import resolve_device
 
 
@@ -46,6 +46,7 @@ def tune(config: dict, prior_path: str, setting: str, shapes: Sequence,
     receives each row as soon as it is measured."""
     name, values = parse_setting(setting)
     settings = list(config["evaluate"]["settings"])
+    check_settings(settings)
     if config["validation"]["slices"] not in settings:
         raise SystemExit(f"validation.slices {config['validation']['slices']!r} is not one of evaluate.settings "
                          f"{settings}: the Dice after one step is measured there")

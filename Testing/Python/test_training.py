@@ -30,6 +30,7 @@ def small_config(**overrides):
         "name=test", "frame.extent_mm=48", "tasks.context_points=256", "tasks.target_points=256",
         "tasks.mirror=false", "maml.inner_steps=2", "maml.meta_batch=4", "maml.outer_lr=3e-4",
         "validation.every=0", "checkpoint.every=1000", "adaptation.context_points=1024",
+        "license=test data licence", "attribution=synthetic test shapes",  # export requires them
     ])
     for key, value in overrides.items():
         node = config
@@ -629,3 +630,243 @@ def test_train_refuses_to_overwrite_a_run_without_resume(tmp_path):
     assert done.returncode != 0 and "already holds a training run: add --resume" in done.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.safetensors"]
     assert (run_dir / "checkpoint.safetensors").read_bytes() == b"earlier run"
+
+
+def _train_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "training", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, METASHAPERECON_NO_PROGRESS="1"))
+
+
+def test_unknown_config_keys_are_refused_naming_the_key(tmp_path):
+    """A misspelt key (YAML or --set, in a section or at the top) is refused, with the close
+    matches, instead of training with the default; every bundled config still loads."""
+    for name in sorted(os.listdir(os.path.join(ROOT, "training", "configs"))):
+        load_config(os.path.join(ROOT, "training", "configs", name))
+    with pytest.raises(SystemExit, match="unknown config key 'maml.iteratons': did you mean maml.iterations"):
+        load_config(None, ["maml.iteratons=5"])
+    with pytest.raises(SystemExit, match="unknown config key 'mamll': did you mean maml"):
+        load_config(None, ["mamll.iterations=3"])
+    with pytest.raises(SystemExit, match="unknown config key 'tasks.target_mix.unifrm'"):
+        load_config(None, ['tasks.target_mix={"unifrm": 0.4, "foreground": 0.3, "boundary": 0.3}'])
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("validaton: {every: 5}\n")
+    with pytest.raises(SystemExit, match="unknown config key 'validaton': did you mean validation"):
+        load_config(str(typo))
+    # what export reads, free-form values and the synthetic family are settings too
+    config = load_config(None, ["license=CC BY 4.0", "training_note=2 cores", 'tasks.planes=[{"kind": "orthogonal", '
+                                '"weight": 1, "anything": 2}]', "data.labels=[1, 2]", "data.synthetic.count=3"])
+    assert config["license"] == "CC BY 4.0" and config["tasks"]["planes"][0]["anything"] == 2
+    assert config["data"]["synthetic"]["count"] == 3
+    assert all(config[k] == "" for k in ("attribution", "dataset_name", "description"))
+
+
+def test_wrong_values_are_refused_in_one_line_and_write_nothing(tmp_path):
+    for overrides, message in ((["maml.iterations=abc"], "maml.iterations 'abc': expected a whole number"),
+                               (["maml.iterations=2.5"], "maml.iterations 2.5: expected a whole number"),
+                               (["maml.iterations.x=3"], "maml.iterations is a single value, not a section"),
+                               (["maml=5"], "maml 5: expected a section of settings"),
+                               (["maml.learn_inner_lr=1"], "expected true or false"),
+                               (["checkpoint.every=0"], "checkpoint.every 0: expected a count >= 1"),
+                               (["maml.meta_batch=0"], "maml.meta_batch 0: expected a count >= 1"),
+                               (["maml.iterations=0"], "maml.iterations 0: expected a count >= 1")):
+        with pytest.raises(SystemExit, match=message):
+            load_config(None, overrides)
+    # floats take whole numbers, None defaults anything, names that read as numbers stay text
+    config = load_config(None, ["maml.outer_lr=1", "adaptation.later_context_points=96", "name=2024",
+                                "data.split_file=", "frame.extent_mm=[64, 48, 40]", "validation.every=0"])
+    assert config["name"] == "2024" and config["data"]["split_file"] == "" and config["frame"]["extent_mm"] == [64, 48, 40]
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n")
+    with pytest.raises(SystemExit, match="expected a mapping of settings"):
+        load_config(str(listed))
+
+    out = tmp_path / "run"
+    synthetic = os.path.join(ROOT, "training", "configs", "synthetic.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("maml: {iterations: [\n")
+    for args, message in ((["--config", synthetic, "--set", "checkpoint.every=0"], "checkpoint.every 0"),
+                          (["--config", str(tmp_path / "absent.yaml")], "No such file or directory"),
+                          (["--config", str(broken)], "python -m training train: while parsing")):
+        done = _train_cli("train", "--out", str(out), *args)
+        assert done.returncode != 0 and message in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert not out.exists()
+
+
+@pytest.fixture
+def synthetic_cache(tmp_path):
+    """A synthetic family of 6 shapes prepared as `prepare` does, and a config for it."""
+    from training.prepare import prepare
+
+    config = load_config(None, ["name=test", "data.layout=synthetic", f"data.cache={tmp_path / 'cache'}",
+                                "data.synthetic.count=6", "frame.extent_mm=32", "data.margin_mm=4",
+                                'data.split={"test": 0.17, "val": 0.17, "folds": 0}', "tasks.context_points=128",
+                                "tasks.target_points=128", "maml.inner_steps=1", "maml.meta_batch=2",
+                                "validation.every=0", "model.hidden_features=16", "model.linear_layers=3",
+                                "adaptation.context_points=256", "adaptation.steps=1"])
+    prepare(config, workers=1)
+    return config
+
+
+def test_a_missing_prior_is_one_line_and_leaves_no_run_folder(tmp_path, synthetic_cache):
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(synthetic_cache))
+    out = tmp_path / "run"
+    done = _train_cli("train", "--config", str(config), "--out", str(out),
+                      "--set", f"maml.init={tmp_path / 'absent.safetensors'}")
+    assert done.returncode != 0 and "prior file not found" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
+    from training.cli import main
+
+    with pytest.raises(SystemExit, match="prior file not found"):
+        main(["tune", "--config", str(config), "--prior", str(tmp_path / "absent.safetensors"),
+              "--setting", "steps=1,2"])
+
+
+def test_a_split_naming_cases_missing_from_the_cache_is_refused(tmp_path, synthetic_cache):
+    split = json.loads(open(os.path.join(synthetic_cache["data"]["cache"], "split.json")).read())
+    split["val"] = split["val"] + ["case_not_prepared"]
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    config = dict(synthetic_cache, data=dict(synthetic_cache["data"], split_file=str(tmp_path / "split.json")))
+    with pytest.raises(SystemExit, match="1 case\\(s\\) of the split are not in the cache .*: case_not_prepared"):
+        train_maml(dict(config, maml=dict(config["maml"], iterations=1)), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_with_only_logs_holds_a_run_and_resume_takes_its_method(tmp_path):
+    synthetic = os.path.join(ROOT, "training", "configs", "synthetic.yaml")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "log.csv").write_text("iteration,loss\n1,0.5\n")  # killed before its first checkpoint
+    done = _train_cli("train", "--config", synthetic, "--out", str(run_dir))
+    assert done.returncode != 0 and "already holds a training run: add --resume" in done.stderr
+    assert (run_dir / "log.csv").read_text() == "iteration,loss\n1,0.5\n"
+    (run_dir / "checkpoint.json").write_text(json.dumps({"training": {"method": "pretrain"}}))
+    done = _train_cli("train", "--config", synthetic, "--out", str(run_dir), "--resume")
+    assert done.returncode != 0 and "holds a pretrain run: resume it with --method pretrain" in done.stderr
+    (run_dir / "checkpoint.json").write_text(json.dumps({"format": "metashaperecon-autodecoder", "training": {}}))
+    done = _train_cli("train", "--config", synthetic, "--out", str(run_dir), "--resume", "--method", "pretrain")
+    assert done.returncode != 0 and "holds a autodecoder run" in done.stderr
+
+
+def _iterations(path):
+    return [int(line.split(",")[0]) for line in path.read_text().splitlines()[1:]]
+
+
+def test_resume_cuts_the_logs_back_to_the_checkpoint_and_keeps_the_better_best(tmp_path):
+    """Killed at iteration 3 with the checkpoint at 2: the rows after 2 are written once, and a
+    best.safetensors better than the checkpoint's best (saved at 3) is not replaced by a worse one."""
+    shapes = shapes_from_family(6)
+    config = small_config(**{"maml.iterations": 2, "validation.every": 1, "validation.cases": 2,
+                             "adaptation.steps": 1, "checkpoint.every": 2})
+    run_dir = tmp_path / "run"
+    train_maml(config, str(run_dir), shapes=shapes[:4], val_shapes=shapes[4:])
+    assert _iterations(run_dir / "log.csv") == [1, 2]
+    with open(run_dir / "log.csv", "a") as handle:  # what the killed run wrote after the checkpoint
+        handle.write("3,9,9,9,1,0\n")
+    with open(run_dir / "validation.csv", "a") as handle:
+        handle.write("3,sagittal:8,1,0.999,1\n3,sagittal:8,1,0.999,1\n")
+    card = json.loads((run_dir / "best.json").read_text())
+    card["training"]["validation_dice_1_step"] = 0.999
+    (run_dir / "best.json").write_text(json.dumps(card))
+    best_weights = (run_dir / "best.safetensors").read_bytes()
+
+    train_maml(dict(config, maml=dict(config["maml"], iterations=4)), str(run_dir), resume=True,
+               shapes=shapes[:4], val_shapes=shapes[4:])
+    assert _iterations(run_dir / "log.csv") == [1, 2, 3, 4]
+    assert "9,9,9" not in (run_dir / "log.csv").read_text()
+    validated = _iterations(run_dir / "validation.csv")
+    assert sorted(set(validated)) == [1, 2, 3, 4] and validated.count(3) == validated.count(1)
+    assert "0.999" not in (run_dir / "validation.csv").read_text()
+    assert (run_dir / "best.safetensors").read_bytes() == best_weights
+
+
+def test_resume_follows_the_weights_when_the_optimizer_state_trails_them(tmp_path):
+    """A kill between the checkpoint's prior and its optimiser state: the run continues after the
+    weights' iteration (not the optimiser's), so no iteration is trained twice."""
+    shapes = shapes_from_family(4)
+    config = small_config(**{"maml.iterations": 1, "checkpoint.every": 1})
+    run_dir = tmp_path / "run"
+    train_maml(config, str(run_dir), shapes=shapes)
+    trailing = (run_dir / "checkpoint.optimizer.safetensors").read_bytes()  # iteration 1
+    train_maml(dict(config, maml=dict(config["maml"], iterations=2)), str(run_dir), resume=True, shapes=shapes)
+    before = (run_dir / "log.csv").read_text().splitlines()
+    (run_dir / "checkpoint.optimizer.safetensors").write_bytes(trailing)  # weights at 2, optimiser at 1
+    path = train_maml(dict(config, maml=dict(config["maml"], iterations=3)), str(run_dir), resume=True, shapes=shapes)
+    after = (run_dir / "log.csv").read_text().splitlines()
+    assert after[:3] == before and _iterations(run_dir / "log.csv") == [1, 2, 3]
+    assert load_prior(path).card["training"]["iterations"] == 3
+
+
+@pytest.mark.parametrize("method", ["pretrain", "autodecoder"])
+def test_baselines_resume_without_duplicating_log_rows(tmp_path, method):
+    from training.autodecoder import train_autodecoder
+    from training.pretrain import train_pretrain
+
+    train = train_pretrain if method == "pretrain" else train_autodecoder
+    shapes = shapes_from_family(4)
+    config = small_config(**{f"{method}.iterations": 2, "checkpoint.every": 2, "autodecoder.batch_shapes": 2,
+                             "autodecoder.latent_size": 8, "autodecoder.hidden_features": 16})
+    run_dir = tmp_path / "run"
+    train(config, str(run_dir), shapes=shapes)
+    with open(run_dir / "log.csv", "a") as handle:
+        handle.write("3,9,1\n")
+    train(dict(config, **{method: dict(config[method], iterations=3)}), str(run_dir), resume=True, shapes=shapes)
+    assert _iterations(run_dir / "log.csv") == [1, 2, 3] and "3,9,1" not in (run_dir / "log.csv").read_text()
+    assert json.loads((run_dir / "checkpoint.json").read_text())["training"]["iterations"] == 3
+
+
+def test_save_autodecoder_keeps_the_earlier_pair_when_saving_fails(tmp_path):
+    from training.autodecoder import AutoDecoder, load_autodecoder, save_autodecoder
+
+    model = AutoDecoder(8, 16, 6)
+    path = str(tmp_path / "checkpoint.safetensors")
+    save_autodecoder(path, model, torch.zeros(2, 8), {"training": {"iterations": 1}})
+    weights, card = (tmp_path / "checkpoint.safetensors").read_bytes(), (tmp_path / "checkpoint.json").read_text()
+    with pytest.raises(TypeError):
+        save_autodecoder(path, model, torch.ones(2, 8), {"training": {"iterations": object()}})  # not JSON
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == weights
+    assert (tmp_path / "checkpoint.json").read_text() == card
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.json", "checkpoint.safetensors"]
+    assert load_autodecoder(path)[1]["training"]["iterations"] == 1
+
+
+@pytest.mark.parametrize("method", ["maml", "pretrain", "autodecoder"])
+def test_the_progress_bar_is_drawn_at_its_interval_not_every_iteration(tmp_path, monkeypatch, method):
+    import io
+
+    from tqdm import tqdm
+
+    from training import autodecoder, maml, pretrain
+
+    drawn = io.StringIO()
+    module = {"maml": maml, "pretrain": pretrain, "autodecoder": autodecoder}[method]
+    monkeypatch.setattr(module, "progress_bar", lambda **kwargs: tqdm(file=drawn, mininterval=3600,
+                                                                      **dict(kwargs, disable=False)))
+    config = small_config(**{f"{method}.iterations": 6, "autodecoder.batch_shapes": 2, "autodecoder.latent_size": 8,
+                             "autodecoder.hidden_features": 16})
+    train = {"maml": maml.train_maml, "pretrain": pretrain.train_pretrain,
+             "autodecoder": autodecoder.train_autodecoder}[method]
+    train(config, str(tmp_path / "run"), shapes=shapes_from_family(4))
+    assert drawn.getvalue().count("\r") <= 3, drawn.getvalue()  # the first and the last, not one per iteration
+
+
+def test_cli_help_tune_header_and_prepare_checks(tmp_path, capsys, synthetic_cache):
+    from training.cli import main
+    from training.prepare import prepare
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--prior runs/kidney/best.safetensors \\\n        --setting first_step_scale" in capsys.readouterr().out
+    prior = train_maml(dict(synthetic_cache, maml=dict(synthetic_cache["maml"], iterations=1)), str(tmp_path / "run"))
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(synthetic_cache))
+    with pytest.raises(SystemExit, match="not one of the prior's adaptation settings"):
+        main(["tune", "--config", str(config), "--prior", prior, "--setting", "nope=1,2"])
+    assert capsys.readouterr().out == ""  # no table header before the setting is refused
+
+    for overrides, message in ((["data.layout=nope"], "unknown data layout 'nope'; one of .*, synthetic"),
+                               (["data.layout=folder", f"data.root={tmp_path / 'absent'}"], "is not a folder")):
+        with pytest.raises(SystemExit, match=message):
+            prepare(load_config(None, [f"data.cache={tmp_path / 'new_cache'}", *overrides]))
+        assert not (tmp_path / "new_cache").exists()
