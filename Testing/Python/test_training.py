@@ -32,7 +32,12 @@ def small_config(**overrides):
         "validation.every=0", "checkpoint.every=1000", "adaptation.context_points=1024",
         "license=test data licence", "attribution=synthetic test shapes",  # export requires them
     ])
-    for key, value in overrides.items():
+    return with_values(config, overrides)
+
+
+def with_values(config, values):
+    """`config` with the nested keys of `values` ("maml.iterations": 3, ...) set as given (not parsed)."""
+    for key, value in values.items():
         node = config
         parts = key.split(".")
         for part in parts[:-1]:

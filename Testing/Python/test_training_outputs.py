@@ -8,6 +8,7 @@ import shlex
 import pytest
 import torch
 from MetaShapeReconLib.prior import load_prior
+from test_training import with_values
 
 import training.evaluate as evaluate_module
 from training.config import load_config
@@ -31,13 +32,7 @@ def tiny_config(root, **overrides):
         'evaluate.settings=["sagittal:8"]', 'evaluate.trajectory_settings=[]', "evaluate.cases=2",
         'evaluate.methods=["maml", "fill_between_slices"]',
     ])
-    for key, value in overrides.items():
-        node = config
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node[part]
-        node[parts[-1]] = value
-    return config
+    return with_values(config, overrides)
 
 
 @pytest.fixture(scope="module")
