@@ -155,7 +155,7 @@ def _check_run_folder(out: str, method: str, resume: bool) -> None:
         earlier = "autodecoder" if card.get("format") == "metashaperecon-autodecoder" \
             else card.get("training", {}).get("method")
         if earlier and earlier != method:
-            raise SystemExit(f"{out} holds a {earlier} run: resume it with --method {earlier}, "
+            raise SystemExit(f"{out} holds a run of --method {earlier}: resume it with --method {earlier}, "
                              "or choose another --out")
 
 

@@ -748,10 +748,10 @@ def test_a_folder_with_only_logs_holds_a_run_and_resume_takes_its_method(tmp_pat
     assert (run_dir / "log.csv").read_text() == "iteration,loss\n1,0.5\n"
     (run_dir / "checkpoint.json").write_text(json.dumps({"training": {"method": "pretrain"}}))
     done = _train_cli("train", "--config", synthetic, "--out", str(run_dir), "--resume")
-    assert done.returncode != 0 and "holds a pretrain run: resume it with --method pretrain" in done.stderr
+    assert done.returncode != 0 and "holds a run of --method pretrain: resume it with --method pretrain" in done.stderr
     (run_dir / "checkpoint.json").write_text(json.dumps({"format": "metashaperecon-autodecoder", "training": {}}))
     done = _train_cli("train", "--config", synthetic, "--out", str(run_dir), "--resume", "--method", "pretrain")
-    assert done.returncode != 0 and "holds a autodecoder run" in done.stderr
+    assert done.returncode != 0 and "holds a run of --method autodecoder" in done.stderr
 
 
 def _iterations(path):
