@@ -167,8 +167,11 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
                                  "not a section")
             default = default.get(part) if isinstance(default, dict) else None
         value = parse_value(text)
-        if isinstance(default, dict) and isinstance(default.get(parts[-1]), str) and not isinstance(value, str):
+        if isinstance(default, dict) and isinstance(default.get(parts[-1]), str) and value is not None \
+                and not isinstance(value, str):
             value = text  # a name or path that reads as a number or is empty stays the text given
+        if value is None and isinstance(default, dict) and isinstance(default.get(parts[-1]), str):
+            value = ""  # null for a name or path: none, as the default
         node[parts[-1]] = value
     check_config(config, DEFAULTS)
     for key, value in (("precision", config["precision"]), ("maml.precision", config["maml"]["precision"])):
@@ -208,10 +211,19 @@ def check_config(config: Dict[str, Any], defaults: Dict[str, Any], prefix: str =
             if not isinstance(value, int) or isinstance(value, bool):
                 raise SystemExit(f"{name} {value!r}: expected a whole number")
         elif isinstance(default, float):
+            if isinstance(value, str) and _is_number(_float_or_none(value)):
+                config[key] = value = float(value)  # YAML reads 3e-5 (no decimal point) as text
             if not _is_number(value):
                 raise SystemExit(f"{name} {value!r}: expected a number")
         elif isinstance(default, str) and not isinstance(value, str):
             raise SystemExit(f"{name} {value!r}: expected a string")
+
+
+def _float_or_none(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _is_number(value: Any) -> bool:

@@ -5,7 +5,7 @@ opens before torch is imported.
 
     from MetaShapeReconLib import load_prior, read_labelmap, reconstruct
     labels, geometry = read_labelmap("sparse.nii.gz")
-    result = reconstruct(labels, geometry, load_prior("kidney"), slices="sagittal:8:4")
+    result = reconstruct(labels, geometry, load_prior("kidney"), slices="auto")
 """
 
 import importlib

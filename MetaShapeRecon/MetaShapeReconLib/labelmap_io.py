@@ -4,7 +4,6 @@ Writes go to a temporary folder next to the destination and are renamed into pla
 failure never leaves a half-written output behind.
 """
 
-import gzip
 import os
 import shutil
 import struct
@@ -66,14 +65,22 @@ def _check_complete(path: str) -> None:
         if not gzipped:
             head, length = handle.read(540), os.fstat(handle.fileno()).st_size
     if gzipped:
+        # one gzip member, decompressed to its end; bytes after it are ignored, as ITK ignores them
+        stream, head, length, ended = zlib.decompressobj(wbits=31), b"", 0, False
         try:
-            with gzip.open(path, "rb") as stream:
-                head = stream.read(540)
-                length = len(head)
-                for block in iter(lambda: stream.read(1 << 22), b""):
-                    length += len(block)
-        except (EOFError, gzip.BadGzipFile, zlib.error):
-            raise InputError(f"{path} is truncated or corrupt (its compressed data ends early or is damaged)") from None
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    data = stream.decompress(block)
+                    if len(head) < 540:
+                        head += data[:540 - len(head)]
+                    length += len(data)
+                    if stream.eof:
+                        ended = True
+                        break
+        except zlib.error:
+            ended = False
+        if not ended:
+            raise InputError(f"{path} is truncated or corrupt (its compressed data ends early or is damaged)")
     expected = _nifti_data_end(head)
     if expected is not None and length < expected:
         raise InputError(f"{path} is truncated or corrupt ({length} bytes of the {expected} its header says)")

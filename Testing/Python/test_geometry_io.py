@@ -209,3 +209,13 @@ def test_upper_case_suffixes_write_and_read_exactly_the_named_file(tmp_path, nam
     read, read_geometry = read_labelmap(path)
     np.testing.assert_array_equal(read, labels)
     assert_same_geometry(read_geometry, geometry)
+
+
+def test_bytes_after_a_whole_gzip_stream_are_ignored_as_itk_does(tmp_path):
+    path = str(tmp_path / "case.nii.gz")
+    labels = np.zeros((6, 5, 4), np.uint8)
+    labels[1:4, 1:3, 1:3] = 1
+    write_labelmap(path, labels, Geometry.create((6, 5, 4), (1.0, 1.0, 1.0)))
+    with open(path, "ab") as handle:
+        handle.write(b"GARBAGE!")
+    np.testing.assert_array_equal(read_labelmap(path)[0], labels)

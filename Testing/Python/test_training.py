@@ -680,6 +680,11 @@ def test_wrong_values_are_refused_in_one_line_and_write_nothing(tmp_path):
     config = load_config(None, ["maml.outer_lr=1", "adaptation.later_context_points=96", "name=2024",
                                 "data.split_file=", "frame.extent_mm=[64, 48, 40]", "validation.every=0"])
     assert config["name"] == "2024" and config["data"]["split_file"] == "" and config["frame"]["extent_mm"] == [64, 48, 40]
+    # null for a path is none (not a file named "null"); YAML's 3e-5 (read as text) is a number
+    assert load_config(None, ["maml.init=null"])["maml"]["init"] == ""
+    written = tmp_path / "rate.yaml"
+    written.write_text("maml: {outer_lr: 3e-5}\n")
+    assert load_config(str(written))["maml"]["outer_lr"] == 3e-5
     listed = tmp_path / "list.yaml"
     listed.write_text("- a\n")
     with pytest.raises(SystemExit, match="expected a mapping of settings"):
