@@ -56,8 +56,7 @@ def _nifti_data_end(head: bytes) -> Optional[int]:
 def _check_complete(path: str) -> None:
     """Raise InputError when a NIfTI file holds less data than its header says, or a gzip stream
     ends early: ITK would fill the rest with zeros. Reads a .gz to its end (cheap for labelmaps)."""
-    name = path.lower()
-    if not name.endswith((".nii", ".nii.gz")):
+    if _suffix(path) not in (".nii", ".nii.gz"):
         return
     with open(path, "rb") as handle:
         gzipped = handle.read(2) == b"\x1f\x8b"

@@ -433,10 +433,7 @@ def test_replace_keeps_every_other_segment_and_can_be_undone(scene, quick_prior,
 
 def test_compute_runs_without_touching_mrml_and_apply_writes(scene, quick_prior, blob_geometry):
     """The widget's path: prepare on the main thread, compute in a worker thread, then apply."""
-    left, _ = two_blobs(blob_geometry)
-    volume = add_volume(scene, blob_geometry)
-    node = add_segmentation(scene, volume)
-    left_id = draw(node, volume, "left", sparse_planes(left, 0, 6, 2))
+    node, volume, left_id = draw_left_blob(scene, blob_geometry)
     job = prepare(node, left_id, prior=quick_prior, slices="sagittal:6:2", interpolation=4)
     computed = {}
     worker = threading.Thread(target=lambda: computed.setdefault("result", compute(job)))
@@ -538,10 +535,7 @@ def test_failure_while_writing_rolls_back(scene, quick_prior, blob_geometry, mon
 
 def test_closed_surface_source_segmentation(scene, quick_prior, blob_geometry):
     """A segmentation made from models (closed-surface source) is read through a scratch copy."""
-    left, _ = two_blobs(blob_geometry)
-    volume = add_volume(scene, blob_geometry)
-    node = add_segmentation(scene, volume)
-    left_id = draw(node, volume, "left", sparse_planes(left, 0, 6, 2))
+    node, volume, left_id = draw_left_blob(scene, blob_geometry)
     node.CreateClosedSurfaceRepresentation()
     node.SetSourceRepresentationToClosedSurface()
     node.RemoveBinaryLabelmapRepresentation()
@@ -642,13 +636,19 @@ def test_scene_undo_takes_the_change_back(scene, quick_prior, blob_geometry, out
         assert np.array_equal(exported(scene, restored, segment_id, volume), truth.astype(np.uint8))
 
 
+def draw_left_blob(scene, geometry):
+    """A segmentation on a volume of `geometry` with the left blob drawn every 6th i-plane from 2:
+    (segmentation node, volume node, segment id)."""
+    left, _ = two_blobs(geometry)
+    volume = add_volume(scene, geometry)
+    node = add_segmentation(scene, volume)
+    return node, volume, draw(node, volume, "left", sparse_planes(left, 0, 6, 2))
+
+
 @pytest.mark.parametrize("output", ["new_segmentation", "new_segment"])
 def test_scene_undo_also_removes_the_nodes_it_created(scene, quick_prior, blob_geometry, output):
     """One undo step: the new segmentation and the model nodes go too, with their display nodes."""
-    left, _ = two_blobs(blob_geometry)
-    volume = add_volume(scene, blob_geometry)
-    node = add_segmentation(scene, volume)
-    left_id = draw(node, volume, "left", sparse_planes(left, 0, 6, 2))
+    node, volume, left_id = draw_left_blob(scene, blob_geometry)
     scene.SetUndoOn()
     before = snapshot(scene)
     _, result = reconstruct_segment(node, left_id, prior=quick_prior, output=output, export_model=True)
@@ -767,10 +767,7 @@ def test_a_labelmap_volume_is_not_taken_for_a_segmentation(scene, quick_prior, b
 
 @pytest.mark.parametrize("output", ["new_segmentation", "new_segment"])
 def test_show_3d_off_makes_no_surface(scene, quick_prior, blob_geometry, output):
-    left, _ = two_blobs(blob_geometry)
-    volume = add_volume(scene, blob_geometry)
-    node = add_segmentation(scene, volume)
-    left_id = draw(node, volume, "left", sparse_planes(left, 0, 6, 2))
+    node, volume, left_id = draw_left_blob(scene, blob_geometry)
 
     new_id, result = reconstruct_segment(node, left_id, prior=quick_prior, output=output, show_3d=False,
                                          export_model=True)
@@ -833,10 +830,7 @@ def test_worker_warms_pytorch_up_before_the_first_reconstruction():
 
 
 def test_warnings_name_the_module_controls_too(scene, quick_prior, blob_geometry):
-    left, _ = two_blobs(blob_geometry)
-    volume = add_volume(scene, blob_geometry)
-    node = add_segmentation(scene, volume)
-    left_id = draw(node, volume, "left", sparse_planes(left, 0, 6, 2))
+    node, volume, left_id = draw_left_blob(scene, blob_geometry)
 
     _, result = reconstruct_segment(node, left_id, prior=quick_prior, slices="i:12:2", show_3d=False)
 
