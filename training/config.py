@@ -89,13 +89,15 @@ DEFAULTS: Dict[str, Any] = {
     # draw of context points, later_context_points of them (null: context_points); all chosen
     # after training with `tune`; interpolation_weight weighs shape-based interpolation between
     # parallel drawn planes into the output (0: the network alone; validation measures the network),
-    # at 8 mm plane gaps, times (8 mm / gap)^interpolation_gap_power at others;
+    # at 8 mm plane gaps, times (8 mm / gap)^interpolation_gap_power at others, along
+    # interpolation_curve between the planes (cubic: monotone, through every plane; or linear);
     # logit_offset is added to the adapted network's logits before the threshold (negative: the
     # boundary moves in; the targets of tasks.target_mix over-represent the structure)
     # meta_steps: the steps with learned sizes (null: as many as the run's maml.inner_steps)
     "adaptation": {"steps": 5, "context_points": 8192, "context_sampling": "uniform", "fresh_context": False,
                    "later_context_points": None, "first_step_scale": 1.0, "interpolation_weight": 0.0,
-                   "interpolation_gap_power": 4.0, "logit_offset": 0.0, "meta_steps": None},
+                   "interpolation_gap_power": 4.0, "interpolation_curve": "cubic", "logit_offset": 0.0,
+                   "meta_steps": None},
     "validation": {"every": 250, "cases": 12, "slices": "sagittal:8"},
     "checkpoint": {"every": 100},
     "evaluate": {

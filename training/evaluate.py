@@ -234,7 +234,8 @@ def evaluate_case(shape: Shape, setting: str, methods: Dict[str, object], config
         evidence = None
         if name == "maml":  # the card's interpolation, as `reconstruct` weighs it in
             weight = interpolation_weight(prior, plane_gap_mm(planes, shape.geometry))
-            evidence = interpolation_evidence(shape.mask, planes, shape.geometry, frame, weight)
+            evidence = interpolation_evidence(shape.mask, planes, shape.geometry, frame, weight,
+                                              prior.adaptation["interpolation_curve"])
         info = siren_trajectory(prior, coords, target, meta_steps, adam_lr, record, max_steps, patience,
                                 frame, shape.geometry, device, converge=full, evidence=evidence,
                                 evidence_steps=[default_steps])

@@ -139,6 +139,11 @@ def _plane_signed_distance(plane: np.ndarray, sampling: Tuple[float, float]) -> 
     return (outside - inside).astype(np.float32)
 
 
+def _boundless(plane: np.ndarray, gap: float) -> np.ndarray:
+    """The distance standing for a plane without boundary: one gap outside (empty) or inside (full)."""
+    return np.full(plane.shape, -gap if plane.any() else gap, np.float32)
+
+
 def _search_box(drawn: np.ndarray, planes: dict) -> Tuple[slice, slice, slice]:
     """The box outside which every interpolated distance is positive: the observed foreground's
     bounding box, extended along each plane axis to the observed planes that bracket it."""
@@ -157,44 +162,75 @@ def _search_box(drawn: np.ndarray, planes: dict) -> Tuple[slice, slice, slice]:
     return tuple(box)
 
 
-def interpolated_signed_distance(sparse_mask: np.ndarray, planes: PlanesLike, geometry: Optional[Geometry] = None
-                                 ) -> Tuple[np.ndarray, Tuple[slice, slice, slice]]:
+INTERPOLATION_CURVES = ("linear", "cubic")
+
+
+def interpolated_signed_distance(sparse_mask: np.ndarray, planes: PlanesLike, geometry: Optional[Geometry] = None,
+                                 curve: str = "linear") -> Tuple[np.ndarray, Tuple[slice, slice, slice]]:
     """The field behind `signed_distance_interpolation`, on the box outside which it is positive
     (`_search_box`): (float32 mm, negative inside, indexed (i, j, k) from the box's corner, NaN
-    where no orientation's planes bracket a voxel; the box). `reconstruct` adds it to the
-    network's evidence; only the box is held, however large the image."""
-    return _interpolated_distance(*_checked_inputs(sparse_mask, planes, geometry))
+    where no orientation's planes bracket a voxel; the box). `curve`: "linear" between the two
+    planes that bracket a voxel, or "cubic", a monotone cubic through every plane of the
+    orientation (`_monotone_slopes`). `reconstruct` adds it to the network's evidence; only the
+    box is held, however large the image."""
+    if curve not in INTERPOLATION_CURVES:
+        raise InputError(f"interpolation curve {curve!r} is not one of {', '.join(INTERPOLATION_CURVES)}")
+    return _interpolated_distance(*_checked_inputs(sparse_mask, planes, geometry), curve=curve)
 
 
-def _interpolated_distance(drawn: np.ndarray, checked: dict, spacing: Tuple[float, float, float]
-                           ) -> Tuple[np.ndarray, Tuple[slice, slice, slice]]:
+def _monotone_slopes(values: Sequence[np.ndarray], positions: np.ndarray) -> list:
+    """Per-voxel slopes (mm per mm) of the signed distance at each plane for a monotone cubic
+    (Fritsch & Carlson 1980, as SciPy's PCHIP weighs them): zero where the distance turns,
+    so the curve never overshoots the drawn planes; the outermost planes take their one secant."""
+    gaps = np.diff(positions)
+    secants = [(values[i + 1] - values[i]) / gaps[i] for i in range(len(values) - 1)]
+    slopes = [secants[0]]
+    for i in range(1, len(values) - 1):
+        before, after = secants[i - 1], secants[i]
+        w1, w2 = 2 * gaps[i] + gaps[i - 1], gaps[i] + 2 * gaps[i - 1]
+        same_sign = before * after > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            harmonic = (w1 + w2) / (w1 / before + w2 / after)
+        slopes.append(np.where(same_sign, harmonic, 0.0).astype(np.float32))
+    slopes.append(secants[-1])
+    return slopes
+
+
+def _interpolated_distance(drawn: np.ndarray, checked: dict, spacing: Tuple[float, float, float],
+                           curve: str = "linear") -> Tuple[np.ndarray, Tuple[slice, slice, slice]]:
     box = _search_box(drawn, checked)
     region = drawn[box]
     starts = [b.start for b in box]
     total = np.zeros(region.shape, dtype=np.float32)
     count = np.zeros(region.shape, dtype=np.uint8)
     for axis, indices in checked.items():
-        indices = indices[(indices >= box[axis].start) & (indices < box[axis].stop)] - starts[axis]
+        indices = [int(t) for t in indices[(indices >= box[axis].start) & (indices < box[axis].stop)] - starts[axis]]
         if len(indices) < 2:
             continue
         sampling = tuple(spacing[a] for a in range(3) if a != axis)
         moved_total = np.moveaxis(total, axis, 0)  # views: plane t is moved_total[t]
         moved_count = np.moveaxis(count, axis, 0)
         moved_region = np.moveaxis(region, axis, 0)
-        distances = {int(t): _plane_signed_distance(moved_region[t], sampling) for t in indices}
-        for a, b in zip(indices[:-1], indices[1:]):
-            a, b = int(a), int(b)
-            gap = (b - a) * spacing[axis]
-            ends = []
-            for t in (a, b):
-                d = distances[t]
-                if d is None:
-                    d = np.full(moved_region.shape[1:], -gap if moved_region[t].any() else gap, np.float32)
-                ends.append(d)
-            last = b + 1 if b == int(indices[-1]) else b  # each plane once
+        positions = np.array(indices, dtype=np.float64) * spacing[axis]
+        gaps = np.diff(positions)
+        distances = [_plane_signed_distance(moved_region[t], sampling) for t in indices]
+        slopes = None
+        if curve == "cubic":  # one value per plane: the gap to its nearer neighbour
+            distances = [d if d is not None else _boundless(moved_region[t], float(min(gaps[max(n - 1, 0):n + 1])))
+                         for n, (t, d) in enumerate(zip(indices, distances))]
+            slopes = _monotone_slopes(distances, positions)
+        for n, (a, b) in enumerate(zip(indices[:-1], indices[1:])):
+            gap = float(gaps[n])
+            start, end = (d if d is not None else _boundless(moved_region[t], gap)
+                          for t, d in ((a, distances[n]), (b, distances[n + 1])))
+            last = b + 1 if n + 2 == len(indices) else b  # each plane once
             for t in range(a, last):
-                weight = (t - a) / (b - a)
-                moved_total[t] += (1.0 - weight) * ends[0] + weight * ends[1]
+                s = (t - a) / (b - a)
+                if slopes is None:
+                    moved_total[t] += (1.0 - s) * start + s * end
+                else:  # cubic Hermite between the two planes, with the monotone slopes
+                    moved_total[t] += ((2 * s ** 3 - 3 * s ** 2 + 1) * start + (3 * s ** 2 - 2 * s ** 3) * end
+                                       + gap * ((s ** 3 - 2 * s ** 2 + s) * slopes[n] + (s ** 3 - s ** 2) * slopes[n + 1]))
                 moved_count[t] += 1
     defined = count > 0
     total[defined] /= count[defined]

@@ -193,12 +193,12 @@ def interpolation_weight(prior: Prior, gap_mm: Optional[float], weight: Optional
 
 
 def interpolation_evidence(mask: np.ndarray, planes: ObservedPlanes, geometry: Geometry, frame: CanonicalFrame,
-                           weight: float) -> Optional[tuple]:
+                           weight: float, curve: str = "linear") -> Optional[tuple]:
     """The arguments of `WithInterpolation` after the network (distance, start, weight, affine),
-    or None where the weight is 0: the network alone."""
+    or None where the weight is 0: the network alone. `curve`: the card's `interpolation_curve`."""
     if weight <= 0:
         return None
-    distance, box = interpolated_signed_distance(mask, planes, geometry)
+    distance, box = interpolated_signed_distance(mask, planes, geometry, curve)
     return distance, [b.start for b in box], weight, frame.index_affine(geometry)
 
 
@@ -256,7 +256,7 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
     interpolating = time.perf_counter()
     gap = plane_gap_mm(planes, geometry)
     weight = interpolation_weight(prior, gap, card_weight)
-    evidence = interpolation_evidence(mask, planes, geometry, frame, weight)
+    evidence = interpolation_evidence(mask, planes, geometry, frame, weight, prior.adaptation["interpolation_curve"])
     interpolate_seconds = time.perf_counter() - interpolating
 
     attempts = [torch_device]
@@ -311,7 +311,8 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
                            "used_each_later_step": int(context.later_points)},
         "frame": {"centre_lps_mm": list(frame.centre), "extent_mm": list(prior.frame_spec.extent_mm)},
         "loss": losses,
-        "interpolation": {"weight": card_weight, "plane_gap_mm": gap, "logits_per_mm": weight},
+        "interpolation": {"weight": card_weight, "plane_gap_mm": gap, "logits_per_mm": weight,
+                          "curve": prior.adaptation["interpolation_curve"]},
         "logit_offset": prior.logit_offset,
         "dice_observed_planes": drawn_dice,
         "evaluation": {"method": evaluation, "network_evaluations": network.evaluated},

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .adaptation import CONTEXT_SAMPLING, Context, Step, adaptation_steps, draw_context
+from .baselines import INTERPOLATION_CURVES
 from .catalog import FORMAT, PRIORS_ENV, bundled_prior_dirs, list_bundled_priors  # noqa: F401 (re-exported)
 from .errors import InputError
 from .frame import FrameSpec
@@ -43,6 +44,8 @@ DEFAULT_ADAPTATION = {
     "later_context_points": None,  # fresh_context only: the points of each step after the first (None: context_points)
     "interpolation_weight": 0.0,  # logits per mm of shape-based interpolation at 8 mm plane gaps (pipeline.py)
     "interpolation_gap_power": 4.0,  # ... times (8 mm / gap)^this at other gaps
+    # between the planes: "cubic" (monotone) or "linear"; cards from before the choice were made with linear
+    "interpolation_curve": "linear",
     "logit_offset": 0.0,  # added to the adapted network's logits before the 0.5 threshold (occupancy.py)
     "auto": {"optimizer": "adam", "lr": 1e-4, "patience": 10, "max_steps": 1000},
 }
@@ -83,6 +86,9 @@ def check_adaptation(card: Mapping) -> None:
         if not merged["fresh_context"]:
             raise ValueError("adaptation.later_context_points needs fresh_context: true (the later steps' own "
                              "draws); without it every step fits the first draw")
+    if merged["interpolation_curve"] not in INTERPOLATION_CURVES:
+        raise ValueError(f"adaptation.interpolation_curve = {merged['interpolation_curve']!r} is not one of "
+                         f"{', '.join(INTERPOLATION_CURVES)}")
     if merged["context_sampling"] not in CONTEXT_SAMPLING:
         raise ValueError(f"adaptation.context_sampling = {merged['context_sampling']!r} is not one of "
                          f"{', '.join(CONTEXT_SAMPLING)}")

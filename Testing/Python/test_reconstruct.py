@@ -199,14 +199,15 @@ def test_interpolation_weighs_in_shape_based_interpolation_between_parallel_plan
     sparse, geometry, mask, prior = small_case
     assert prior.adaptation["interpolation_weight"] == 0
     alone = reconstruct(sparse, geometry, prior, steps=1, device="cpu")
-    assert alone.report["interpolation"] == {"weight": 0.0, "plane_gap_mm": 6.0, "logits_per_mm": 0.0}
+    assert alone.report["interpolation"] == {"weight": 0.0, "plane_gap_mm": 6.0, "logits_per_mm": 0.0,
+                                             "curve": "linear"}  # a card without interpolation_curve
     assert "interpolate" not in alone.report["timings_s"]
     np.testing.assert_array_equal(reconstruct(sparse, geometry, prior, steps=1, device="cpu",
                                               interpolation=0).labels, alone.labels)
 
     strong = reconstruct(sparse, geometry, prior, steps=1, device="cpu", interpolation=1e4)
     assert strong.report["interpolation"] == {"weight": 1e4, "plane_gap_mm": 6.0,
-                                              "logits_per_mm": pytest.approx(1e4 * (8 / 6) ** 4)}
+                                              "logits_per_mm": pytest.approx(1e4 * (8 / 6) ** 4), "curve": "linear"}
     assert strong.report["timings_s"]["interpolate"] > 0
     # the card's interpolation_gap_power sets how the weight falls with the gap (6 mm here)
     for power, per_mm in ((2.0, 1e4 * (8 / 6) ** 2), (0.0, 1e4)):
@@ -220,6 +221,17 @@ def test_interpolation_weighs_in_shape_based_interpolation_between_parallel_plan
     decided = np.abs(np.nan_to_num(distance, nan=0.0)) >= 0.5  # the evidence outweighs any network logit
     assert decided[mask.astype(bool)].mean() > 0.8  # most of the structure
     np.testing.assert_array_equal(strong.labels[decided], (distance[decided] < 0).astype(np.uint8))
+    # the card's interpolation_curve: the cubic field decides where it dominates
+    card = dict(prior.card, adaptation=dict(prior.card.get("adaptation", {}), interpolation_curve="cubic"))
+    curved = reconstruct(sparse, geometry, prior.with_card(card), steps=1, device="cpu", interpolation=1e4)
+    assert curved.report["interpolation"]["curve"] == "cubic"
+    in_box, box = interpolated_signed_distance(sparse, planes, geometry, curve="cubic")
+    cubic = np.full(geometry.size, np.nan, np.float32)
+    cubic[box] = in_box
+    decided = np.abs(np.nan_to_num(cubic, nan=0.0)) >= 0.5
+    assert decided[mask.astype(bool)].mean() > 0.8
+    np.testing.assert_array_equal(curved.labels[decided], (cubic[decided] < 0).astype(np.uint8))
+    assert not np.array_equal(curved.labels, strong.labels)
     assert dice(strong.labels, mask) > dice(alone.labels, mask) + 0.1  # the untrained network alone is poor
 
     # one plane per axis: nothing to interpolate between, the network alone
@@ -229,7 +241,8 @@ def test_interpolation_weighs_in_shape_based_interpolation_between_parallel_plan
         mask[centre[0]], mask[:, centre[1]], mask[:, :, centre[2]])
     rule = f"i:100:{centre[0]},j:100:{centre[1]},k:100:{centre[2]}"
     single = reconstruct(orthogonal, geometry, prior, steps=1, slices=rule, device="cpu", interpolation=1e4)
-    assert single.report["interpolation"] == {"weight": 1e4, "plane_gap_mm": None, "logits_per_mm": 0.0}
+    assert single.report["interpolation"] == {"weight": 1e4, "plane_gap_mm": None, "logits_per_mm": 0.0,
+                                              "curve": "linear"}
     np.testing.assert_array_equal(single.labels, reconstruct(orthogonal, geometry, prior, steps=1, slices=rule,
                                                              device="cpu").labels)
     for bad in (-1, float("nan")):
@@ -240,6 +253,9 @@ def test_interpolation_weighs_in_shape_based_interpolation_between_parallel_plan
         check_adaptation(card)
     card = dict(prior.card, adaptation=dict(prior.card.get("adaptation", {}), interpolation_gap_power="4"))
     with pytest.raises(ValueError, match="interpolation_gap_power = '4' is not a number >= 0"):
+        check_adaptation(card)
+    card = dict(prior.card, adaptation=dict(prior.card.get("adaptation", {}), interpolation_curve="spline"))
+    with pytest.raises(ValueError, match="interpolation_curve = 'spline' is not one of linear, cubic"):
         check_adaptation(card)
 
 

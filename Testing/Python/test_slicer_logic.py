@@ -443,7 +443,8 @@ def test_compute_runs_without_touching_mrml_and_apply_writes(scene, quick_prior,
     assert result.segment_ids and node.GetSegmentation().GetSegment(result.segment_ids[0]) is not None
     assert result.reports[0]["observed_planes"][0]["pattern"] == "sagittal:6:2"
     assert result.reports[0]["interpolation"] == {"weight": 4.0, "plane_gap_mm": pytest.approx(6 * blob_geometry.spacing[0]),
-                                                  "logits_per_mm": pytest.approx(4 * (8 / (6 * blob_geometry.spacing[0])) ** 4)}
+                                                  "logits_per_mm": pytest.approx(4 * (8 / (6 * blob_geometry.spacing[0])) ** 4),
+                                                  "curve": "linear"}
     assert "interpolating between close slices" in result.summary()
 
 

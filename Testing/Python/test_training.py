@@ -273,6 +273,11 @@ def test_export_then_engine_load_predicts_identically(tmp_path):
     assert written["meta_training"]["outer_lr"] == config["maml"]["outer_lr"]
     assert exported.first_step_scale == 1.5 and exported.adaptation["fresh_context"] is True
     assert exported.adaptation["later_context_points"] == 96
+    # new priors interpolate along the cubic unless the config says otherwise; the card keeps the choice
+    assert exported.adaptation["interpolation_curve"] == "cubic"
+    config["adaptation"]["interpolation_curve"] = "linear"
+    card = export_prior(config, path, "linear", None, str(tmp_path / "priors"))
+    assert load_prior(card[:-5] + ".safetensors").adaptation["interpolation_curve"] == "linear"
 
 
 def test_the_learned_steps_are_those_of_the_run_unless_the_config_sets_them(tmp_path):
