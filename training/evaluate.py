@@ -531,11 +531,14 @@ def _write_results(temporary: Dict[str, str], rows: List[dict], transfer_rows: L
     lines += ["## Ours against the classic tools on the same inputs", "",
               f"Ours after 1 step and after the prior's default {default_steps} steps (model card)."]
     if interpolated:
-        weight = methods["maml"].adaptation["interpolation_weight"] if "maml" in methods else "?"
+        card = methods["maml"].adaptation if "maml" in methods else {}
+        weight, power, curve = (card.get(k, "?") for k in ("interpolation_weight", "interpolation_gap_power",
+                                                           "interpolation_curve"))
         ours.append(("ours_interpolated", "maml_interpolated", default_steps))
         labels.append(f"Ours {default_steps} steps + interpolation")
         lines[-1] += (f" \"+ interpolation\": the same network's evidence plus shape-based interpolation's "
-                      f"(card's `interpolation_weight` {weight} logits per mm at 8 mm plane gaps), what "
+                      f"(card's `interpolation_weight` {weight} logits per mm at 8 mm plane gaps, times "
+                      f"(8 mm / gap)^{power}, along the {curve} curve between the planes), what "
                       "`reconstruct` returns where two or more parallel planes are drawn; n/a where none are.")
     lines += ["", "| input | " + " | ".join(labels + [NAMES[m] for m in classic]) + " |",
               "|---" * (1 + len(labels) + len(classic)) + "|"]
