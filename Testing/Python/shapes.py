@@ -19,6 +19,16 @@ def ellipsoid(geometry: Geometry, centre: Sequence[float], radii: Sequence[float
     return (((points - np.asarray(centre)) / np.asarray(radii)) ** 2).sum(axis=-1) <= 1.0
 
 
+def interpolated_field(sparse: np.ndarray, planes, geometry: Geometry, curve: str = "linear") -> np.ndarray:
+    """`baselines.interpolated_signed_distance` on the whole grid (NaN where no planes bracket a voxel)."""
+    from MetaShapeReconLib.baselines import interpolated_signed_distance
+
+    in_box, box = interpolated_signed_distance(sparse, planes, geometry, curve=curve)
+    field = np.full(sparse.shape, np.nan, np.float32)
+    field[box] = in_box
+    return field
+
+
 def sparse_planes(mask: np.ndarray, axis: int, step: int, offset: int) -> np.ndarray:
     """Keep the planes index % step == offset along `axis`, as int labels (1 = structure)."""
     sparse = np.zeros(mask.shape, dtype=np.int32)

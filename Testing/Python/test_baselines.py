@@ -7,7 +7,7 @@ from MetaShapeReconLib.baselines import fill_between_slices, interpolated_signed
 from MetaShapeReconLib.errors import InputError
 from MetaShapeReconLib.geometry import Geometry
 from MetaShapeReconLib.pipeline import dice
-from shapes import ellipsoid, sparse_planes
+from shapes import ellipsoid, interpolated_field, sparse_planes
 
 
 def _has_contour_interpolator() -> bool:
@@ -102,20 +102,12 @@ def test_signed_distance_single_planes_add_nothing(sphere):
     assert np.array_equal(output, sparse)
 
 
-def _field(sparse, planes, grid, curve):
-    """The interpolated signed distance on the whole grid (NaN where no planes bracket a voxel)."""
-    in_box, box = interpolated_signed_distance(sparse, planes, grid, curve=curve)
-    field = np.full(sparse.shape, np.nan, np.float32)
-    field[box] = in_box
-    return field
-
-
 def test_cubic_curve_follows_a_sphere_closer_than_the_linear_one(sphere):
     """Between planes 8 mm apart a sphere's cross-sections change along a curve: the monotone
     cubic through all planes is closer to the truth than straight lines between two."""
     planes = {2: np.arange(3, 64, 8)}
     sparse = _drawn(sphere, planes)
-    scores = {curve: dice(np.nan_to_num(_field(sparse, planes, GRID, curve), nan=1.0) < 0, sphere)
+    scores = {curve: dice(np.nan_to_num(interpolated_field(sparse, planes, GRID, curve), nan=1.0) < 0, sphere)
               for curve in ("linear", "cubic")}
     assert scores["cubic"] > scores["linear"] + 0.005, scores
     assert scores["cubic"] > 0.96, scores
@@ -130,7 +122,7 @@ def test_cubic_curve_is_the_line_between_two_planes_and_never_overshoots():
     cone[:, :, 8] = np.hypot(i, j) <= 8
     cone[:, :, 32] = np.hypot(i, j) <= 20
     two = {2: [8, 32]}
-    np.testing.assert_allclose(_field(cone, two, grid, "cubic"), _field(cone, two, grid, "linear"),
+    np.testing.assert_allclose(interpolated_field(cone, two, grid, "cubic"), interpolated_field(cone, two, grid, "linear"),
                                atol=1e-4, equal_nan=True)
 
     planes = {2: np.array([2, 9, 17, 24, 31, 38])}
@@ -139,8 +131,8 @@ def test_cubic_curve_is_the_line_between_two_planes_and_never_overshoots():
     for centre, radius in zip(rng.uniform(10, 30, (6, 3)), rng.uniform(4, 9, 6)):
         blobs |= ellipsoid(grid, tuple(centre), (radius, radius * 0.7, radius * 1.3))
     sparse = _drawn(blobs, planes)
-    cubic = _field(sparse, planes, grid, "cubic")
-    ends = _field(sparse, planes, grid, "linear")  # equals the planes' own values on the planes
+    cubic = interpolated_field(sparse, planes, grid, "cubic")
+    ends = interpolated_field(sparse, planes, grid, "linear")  # equals the planes' own values on the planes
     for a, b in zip(planes[2][:-1], planes[2][1:]):
         low = np.minimum(ends[:, :, a], ends[:, :, b])[:, :, None]
         high = np.maximum(ends[:, :, a], ends[:, :, b])[:, :, None]

@@ -20,7 +20,7 @@ from MetaShapeReconLib.pipeline import (
 )
 from MetaShapeReconLib.planes import select_planes
 from MetaShapeReconLib.prior import check_adaptation, load_prior
-from shapes import ellipsoid, sparse_planes
+from shapes import ellipsoid, interpolated_field, sparse_planes
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +194,6 @@ def test_interpolation_weighs_in_shape_based_interpolation_between_parallel_plan
     """--interpolation W: between parallel planes the output follows the interpolated signed
     distance where W makes it dominate, with the weight scaled to the drawing's plane gap; the
     report says what was used; W = 0 (and the card's default) is the network alone."""
-    from MetaShapeReconLib.baselines import interpolated_signed_distance
-
     sparse, geometry, mask, prior = small_case
     assert prior.adaptation["interpolation_weight"] == 0
     alone = reconstruct(sparse, geometry, prior, steps=1, device="cpu")
@@ -214,23 +212,16 @@ def test_interpolation_weighs_in_shape_based_interpolation_between_parallel_plan
         card = dict(prior.card, adaptation=dict(prior.card.get("adaptation", {}), interpolation_gap_power=power))
         powered = reconstruct(sparse, geometry, prior.with_card(card), steps=1, device="cpu", interpolation=1e4)
         assert powered.report["interpolation"]["logits_per_mm"] == pytest.approx(per_mm)
-    planes = select_planes("auto", sparse, geometry)
-    in_box, box = interpolated_signed_distance(sparse, planes, geometry)
-    distance = np.full(geometry.size, np.nan, np.float32)
-    distance[box] = in_box
-    decided = np.abs(np.nan_to_num(distance, nan=0.0)) >= 0.5  # the evidence outweighs any network logit
-    assert decided[mask.astype(bool)].mean() > 0.8  # most of the structure
-    np.testing.assert_array_equal(strong.labels[decided], (distance[decided] < 0).astype(np.uint8))
-    # the card's interpolation_curve: the cubic field decides where it dominates
+    # the card's interpolation_curve: that curve's field decides where it dominates
     card = dict(prior.card, adaptation=dict(prior.card.get("adaptation", {}), interpolation_curve="cubic"))
     curved = reconstruct(sparse, geometry, prior.with_card(card), steps=1, device="cpu", interpolation=1e4)
     assert curved.report["interpolation"]["curve"] == "cubic"
-    in_box, box = interpolated_signed_distance(sparse, planes, geometry, curve="cubic")
-    cubic = np.full(geometry.size, np.nan, np.float32)
-    cubic[box] = in_box
-    decided = np.abs(np.nan_to_num(cubic, nan=0.0)) >= 0.5
-    assert decided[mask.astype(bool)].mean() > 0.8
-    np.testing.assert_array_equal(curved.labels[decided], (cubic[decided] < 0).astype(np.uint8))
+    planes = select_planes("auto", sparse, geometry)
+    for result, curve in ((strong, "linear"), (curved, "cubic")):
+        distance = interpolated_field(sparse, planes, geometry, curve)
+        decided = np.abs(np.nan_to_num(distance, nan=0.0)) >= 0.5  # the evidence outweighs any network logit
+        assert decided[mask.astype(bool)].mean() > 0.8  # most of the structure
+        np.testing.assert_array_equal(result.labels[decided], (distance[decided] < 0).astype(np.uint8))
     assert not np.array_equal(curved.labels, strong.labels)
     assert dice(strong.labels, mask) > dice(alone.labels, mask) + 0.1  # the untrained network alone is poor
 
