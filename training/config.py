@@ -93,11 +93,12 @@ DEFAULTS: Dict[str, Any] = {
     # interpolation_curve between the planes (cubic: monotone, through every plane; or linear);
     # logit_offset is added to the adapted network's logits before the threshold (negative: the
     # boundary moves in; the targets of tasks.target_mix over-represent the structure)
-    # meta_steps: the steps with learned sizes (null: as many as the run's maml.inner_steps)
+    # meta_steps: the steps with learned sizes (null: as many as the run's maml.inner_steps);
+    # auto: the Adam steps after them (lr) and when `--steps auto` stops (patience, max_steps)
     "adaptation": {"steps": 5, "context_points": 8192, "context_sampling": "uniform", "fresh_context": False,
                    "later_context_points": None, "first_step_scale": 1.0, "interpolation_weight": 0.0,
                    "interpolation_gap_power": 4.0, "interpolation_curve": "cubic", "logit_offset": 0.0,
-                   "meta_steps": None},
+                   "meta_steps": None, "auto": {"lr": 1e-4, "patience": 10, "max_steps": 1000}},
     "validation": {"every": 250, "cases": 12, "slices": "sagittal:8"},
     "checkpoint": {"every": 100},
     "evaluate": {

@@ -65,6 +65,7 @@ def export_prior(config: dict, prior_path: str, name: str, results_dir: Optional
                               interpolation_gap_power=float(config["adaptation"]["interpolation_gap_power"]),
                               interpolation_curve=str(config["adaptation"]["interpolation_curve"]),
                               logit_offset=float(config["adaptation"].get("logit_offset") or 0.0),
+                              auto=dict(card["adaptation"].get("auto") or {}, **config["adaptation"]["auto"]),
                               context_sampling=card["meta_training"].get("context_sampling", "uniform"))
     card["license"], card["attribution"] = str(config["license"]), str(config["attribution"])
     try:

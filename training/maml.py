@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from MetaShapeReconLib.adaptation import inner_step
 from MetaShapeReconLib.pipeline import precision_name, resolve_precision
-from MetaShapeReconLib.prior import Prior, initial_prior, load_prior, save_prior
+from MetaShapeReconLib.prior import DEFAULT_ADAPTATION, Prior, initial_prior, load_prior, save_prior
 from MetaShapeReconLib.siren import logits, reconstruction_loss
 
 from .data import Shape, TaskSampler, load_shapes, load_split
@@ -41,7 +41,8 @@ def card_adaptation(config: dict) -> dict:
     the product will (context points and sampling, the steps with learned sizes), whatever the card
     of a `maml.init` prior said."""
     return dict(config["adaptation"], weight_decay=config["loss"]["weight_decay"],
-                meta_steps=card_meta_steps(config, config["maml"]["inner_steps"]))
+                meta_steps=card_meta_steps(config, config["maml"]["inner_steps"]),
+                auto=dict(DEFAULT_ADAPTATION["auto"], **config["adaptation"]["auto"]))
 
 
 def new_prior(config: dict) -> Prior:

@@ -44,6 +44,8 @@ def prior_card(path: str) -> dict:
             card = json.load(handle)
     except (OSError, ValueError) as error:
         raise InputError(f"prior model card {stem}.json cannot be read ({error})") from None
+    except RecursionError:
+        raise InputError(f"{stem}.json is not a MetaShapeRecon model card (nested too deeply)") from None
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise InputError(f"{stem}.json is not a MetaShapeRecon model card")
     return card

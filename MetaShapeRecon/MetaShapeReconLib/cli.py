@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--smoothing", type=int, default=15, metavar="N",
                      help="surface smoothing iterations (0: none; default 15)")
     rec.add_argument("--report", metavar="REPORT.json", help="write a JSON report")
-    rec.add_argument("--quiet", action="store_true", help="no progress line")
+    rec.add_argument("--quiet", action="store_true", help="no progress line and no summary")
 
     demo = commands.add_parser("demo", help="reconstruct the bundled sample case and compare with its truth")
     demo.add_argument("--prior", default="kidney", help="prior name or file (default: kidney)")
@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_reconstruction_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prior", default="kidney", metavar="NAME|PATH",
-                        help="bundled prior name or .safetensors file (default: kidney)")
+                        help="a prior's name ($METASHAPERECON_PRIORS, then the bundled ones; `metashaperecon priors` lists "
+                             "them) or its .safetensors or .json file (default: kidney)")
     parser.add_argument("--steps", default=None, metavar="N|auto",
                         help="adaptation steps (default: the prior's); auto: continue until converged")
     parser.add_argument("--slices", default="auto", metavar="auto|AXIS:STEP[:OFFSET]",
@@ -99,10 +100,19 @@ def add_reconstruction_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_reconstruct(args) -> dict:
-    from .labelmap_io import LABELMAP_SUFFIXES, atomic_output, check_writable, read_labelmap, write_labelmap
+    from .labelmap_io import (
+        LABELMAP_SUFFIXES,
+        atomic_output,
+        check_storable,
+        check_writable,
+        read_files,
+        read_labelmap,
+        write_error,
+        write_labelmap,
+    )
     from .pipeline import reconstruct, resolve_device
     from .planes import parse_slices
-    from .prior import load_prior
+    from .prior import load_prior, resolve_prior_path
     from .surface import SURFACE_SUFFIXES, surface_from_labelmap, write_surface
 
     check_writable(args.output, "output", LABELMAP_SUFFIXES)
@@ -110,7 +120,10 @@ def run_reconstruct(args) -> dict:
         check_writable(args.surface, "surface", SURFACE_SUFFIXES)
     if args.report:
         check_writable(args.report, "report", (".json",))
-    check_distinct(args.input, [("output", args.output), ("--surface", args.surface), ("--report", args.report)])
+    tensor_path = resolve_prior_path(args.prior)
+    read = [("the input" if i == 0 else "the input's data file", f) for i, f in enumerate(read_files(args.input))]
+    read += [("the prior", tensor_path), ("the prior's model card", tensor_path[:-len(".safetensors")] + ".json")]
+    check_distinct(read, [("output", args.output), ("--surface", args.surface), ("--report", args.report)])
     spacing = args.output_spacing
     if spacing is not None and not (math.isfinite(spacing) and spacing > 0):
         raise InputError(f"--output-spacing {spacing}: expected a finite positive number of millimetres")
@@ -122,6 +135,7 @@ def run_reconstruct(args) -> dict:
     resolve_device(args.device)  # fail before any work when the device is not there
     prior = load_prior(args.prior)  # first: says so when no prior is available at all
     labels, geometry = read_labelmap(args.input)
+    check_storable(args.output, geometry)
     loaded = time.perf_counter()
     output_geometry = None
     if spacing:
@@ -130,6 +144,9 @@ def run_reconstruct(args) -> dict:
             raise InputError(f"--output-spacing {spacing}: the output grid would hold about {voxels:.3g} voxels, "
                              f"more than {MAX_OUTPUT_VOXELS:,}; choose a coarser spacing")
         output_geometry = geometry.resampled(spacing)
+        if min(output_geometry.size) < 2:
+            raise InputError(f"--output-spacing {spacing}: coarser than the image (a grid of {output_geometry.size} "
+                             "voxels); choose a finer spacing")
     result = reconstruct(labels, geometry, prior, steps=args.steps, slices=args.slices, label=args.label,
                          device=args.device, output_geometry=output_geometry, evaluation=args.evaluation,
                          progress=ProgressLine(not args.quiet), precision=args.precision,
@@ -142,37 +159,47 @@ def run_reconstruct(args) -> dict:
     report["input"] = os.path.abspath(args.input)
     report["output"]["path"] = os.path.abspath(args.output)
     report["timings_s"].update(load=loaded - started, surface=surfaced - surface_started)
-    with ExitStack() as outputs:  # every file lands together, or none does
-        # entered in reverse: the stack moves the last entered first, so the labelmap lands first and a
-        # failure to move it leaves neither surface nor report
-        report_path = outputs.enter_context(atomic_output(args.report)) if args.report else None
-        surface_path = outputs.enter_context(atomic_output(args.surface)) if polydata is not None else None
-        write_labelmap(outputs.enter_context(atomic_output(args.output)), result.labels, result.geometry,
-                       atomic=False)
-        if polydata is not None:
-            write_surface(surface_path, polydata, atomic=False)
-            report["surface"] = {"path": os.path.abspath(args.surface), "triangles": polydata.GetNumberOfCells()}
-        report["timings_s"]["total"] = time.perf_counter() - started
-        if report_path:
-            with open(report_path, "w") as handle:
-                json.dump(report, handle, indent=2)
+    try:
+        with ExitStack() as outputs:  # every file lands together, or none does
+            # entered in reverse: the stack moves the last entered first, so the labelmap lands first and a
+            # failure to move it leaves neither surface nor report
+            report_path = outputs.enter_context(atomic_output(args.report)) if args.report else None
+            surface_path = outputs.enter_context(atomic_output(args.surface)) if polydata is not None else None
+            write_labelmap(outputs.enter_context(atomic_output(args.output)), result.labels, result.geometry,
+                           atomic=False)
+            if polydata is not None:
+                write_surface(surface_path, polydata, atomic=False)
+                report["surface"] = {"path": os.path.abspath(args.surface), "triangles": polydata.GetNumberOfCells()}
+            report["timings_s"]["total"] = time.perf_counter() - started
+            if report_path:
+                with open(report_path, "w") as handle:
+                    json.dump(report, handle, indent=2)
+    except (OSError, RuntimeError) as error:  # a full disk, a file system's limits: nothing has landed
+        raise InputError(f"could not write the outputs ({write_error(error)}); none was written") from None
     return report
 
 
-def check_distinct(input_path: str, outputs) -> None:
-    """Refuse an output that would replace the input, or two outputs on one file."""
-    seen = {os.path.realpath(input_path): "the input"}
+def check_distinct(inputs, outputs) -> None:
+    """Refuse an output that would replace a file the run reads (`inputs`: (what, path)) or
+    another output. A labelmap output counts with its data file (.mhd, .nhdr)."""
+    from .labelmap_io import written_files
+
+    seen = {}
+    for kind, path in inputs:
+        seen.setdefault(os.path.realpath(path), kind)
     for kind, path in outputs:
         if not path:
             continue
-        real = os.path.realpath(path)
-        same = seen.get(real)
-        if same is None and os.path.exists(path):  # hard links and case-insensitive file systems
-            same = next((name for other, name in seen.items() if os.path.exists(other)
-                         and os.path.samefile(other, path)), None)
-        if same is not None:
-            raise InputError(f"{kind} {path} is the same file as {same}; name another file")
-        seen[real] = kind
+        for file in written_files(path) if kind == "output" else [path]:
+            real = os.path.realpath(file)
+            same = seen.get(real)
+            if same is None and os.path.exists(file):  # hard links and case-insensitive file systems
+                same = next((name for other, name in seen.items() if os.path.exists(other)
+                             and os.path.samefile(other, file)), None)
+            if same is not None:
+                detail = "" if file == path else f" (its data file {file})"
+                raise InputError(f"{kind} {path}{detail} is the same file as {same}; name another file")
+            seen[real] = kind
 
 
 def summary(report: dict) -> str:

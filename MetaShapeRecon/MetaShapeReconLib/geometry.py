@@ -7,11 +7,12 @@ LPS with x and y negated.
 
 from dataclasses import dataclass
 from itertools import permutations
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 PATIENT_AXES = ("sagittal", "coronal", "axial")  # normal along L-R, A-P, S-I
+MIN_SPACING_MM = 1e-4  # finer is a header error, not an image (and overflows the frame's voxel arithmetic)
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,36 @@ class Geometry:
         best = max(permutations(range(3)), key=lambda p: sum(alignment[a, p[a]] for a in range(3)))
         return tuple(int(a) for a in best)
 
+    def problem(self) -> Optional[str]:
+        """Why no shape can be reconstructed on this grid (None: it can)."""
+        if not np.all(np.isfinite(np.r_[self.spacing, self.origin, self.direction])):
+            return "its spacing, origin or direction is not finite"
+        if min(self.spacing) < MIN_SPACING_MM:
+            return f"spacing {self.spacing} mm is finer than {MIN_SPACING_MM} mm; check the units in the header"
+        return None
+
+    @property
+    def is_rotation(self) -> bool:
+        """Whether the axes are perpendicular unit vectors (not sheared), as NIfTI must store them."""
+        direction = self.direction_matrix
+        return bool(np.allclose(direction.T @ direction, np.eye(3), atol=1e-4))
+
     def same_grid(self, other: "Geometry", tol: float = 1e-4) -> bool:
         return (self.size == other.size
                 and np.allclose(self.spacing, other.spacing, atol=tol)
                 and np.allclose(self.origin, other.origin, atol=tol)
                 and np.allclose(self.direction, other.direction, atol=tol))
+
+    def lattice_offset(self, other: "Geometry", tol: float = 1e-3) -> Optional[Tuple[int, int, int]]:
+        """Where this grid's first voxel lies in `other`'s indices when the two share their voxel
+        centres (same axes and spacing, origins whole voxels apart: a crop or an extension of
+        `other`); None otherwise. `tol` is in voxels."""
+        if not (np.allclose(self.spacing, other.spacing, atol=1e-4 * min(other.spacing))
+                and np.allclose(self.direction, other.direction, atol=1e-4)):
+            return None
+        index = other.physical_to_index(np.asarray(self.origin)[None])[0]
+        whole = np.round(index)
+        return tuple(int(i) for i in whole) if np.allclose(index, whole, atol=tol) else None
 
     def resampled(self, spacing: Sequence[float]) -> "Geometry":
         """The grid with a new spacing over the same physical extent (voxel edges kept)."""

@@ -10,7 +10,7 @@ import struct
 import tempfile
 import zlib
 from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -20,6 +20,8 @@ from .geometry import Geometry
 LABELMAP_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_IO = {".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO", ".nrrd": "NrrdImageIO", ".seg.nrrd": "NrrdImageIO",
             ".nhdr": "NrrdImageIO", ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
+# headers whose voxels ITK writes to a file of their own beside them (compressed, as write_labelmap does)
+DATA_FILE_SUFFIXES = {".mhd": ".zraw", ".nhdr": ".raw.gz"}
 
 
 def _suffix(path: str) -> str:
@@ -85,6 +87,36 @@ def _check_complete(path: str) -> None:
         raise InputError(f"{path} is truncated or corrupt ({length} bytes of the {expected} its header says)")
 
 
+def written_files(path: str) -> List[str]:
+    """The files that writing a labelmap to `path` makes: `path` and, for a header with a data
+    file of its own (.mhd, .nhdr), that file beside it (the header's name, another suffix)."""
+    suffix = _suffix(str(path))
+    data = DATA_FILE_SUFFIXES.get(suffix)
+    return [str(path)] + ([str(path)[:len(str(path)) - len(suffix)] + data] if data else [])
+
+
+def read_files(path: str) -> List[str]:
+    """The files that reading the image at `path` reads: `path` and, for a header (.mhd, .nhdr),
+    the one data file it names (none when the data is in the header, or in a list of files)."""
+    path = str(path)
+    key = {".mhd": "ElementDataFile", ".nhdr": "data file"}.get(_suffix(path))
+    if key is None:
+        return [path]
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 16).decode("latin-1")
+    except OSError:
+        return [path]
+    for line in head.splitlines():
+        name, separator, value = line.partition(":" if key == "data file" else "=")
+        value = value.strip()
+        if separator and name.strip().lower() in (key.lower(), "datafile") and value:
+            if value.upper() in ("LOCAL", "LIST") or " " in value or "%" in value:
+                return [path]
+            return [path, os.path.join(os.path.dirname(os.path.abspath(path)), value)]
+    return [path]
+
+
 def _metaimage_reason(path: str) -> str:
     """Why MetaImage could not read `path`: ITK blames errno, which says "No such file" even
     for a truncated file."""
@@ -106,6 +138,7 @@ def read_labelmap(path: str) -> Tuple[np.ndarray, Geometry]:
     """Read a 3-D labelmap; returns an integer array indexed (i, j, k) and its geometry."""
     import SimpleITK as sitk
 
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError(f"input file not found: {path}")
     try:
@@ -122,8 +155,8 @@ def read_labelmap(path: str) -> Tuple[np.ndarray, Geometry]:
     except RuntimeError as error:
         if "MetaImageIO" in str(error) and _suffix(path) in (".mha", ".mhd"):
             raise InputError(_metaimage_reason(path)) from None
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown format"
-        raise InputError(f"cannot read {path} as an image ({reason})") from None
+        raise InputError(f"cannot read {path} as an image ({write_error(error) if str(error).strip() else 'unknown format'})"
+                         ) from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
                          "a labelmap has one (export a single-layer labelmap)")
@@ -140,8 +173,12 @@ def read_labelmap(path: str) -> Tuple[np.ndarray, Geometry]:
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
             raise InputError(f"{path} holds non-integer values; a labelmap holds integer labels")
-    labels = np.ascontiguousarray(array.transpose(2, 1, 0)).astype(np.int32, copy=False)
     geometry = Geometry.create(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    if geometry.problem():
+        raise InputError(f"{path}: {geometry.problem()}")
+    labels = np.ascontiguousarray(array.transpose(2, 1, 0))
+    if not np.issubdtype(labels.dtype, np.integer):  # whole numbers of any size keep their value
+        labels = labels.astype(np.int64)
     return labels, geometry
 
 
@@ -169,6 +206,13 @@ def check_writable(path: str, kind: str, suffixes: Tuple[str, ...]) -> None:
         raise InputError(f"{kind} {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise InputError(f"{kind} {path}: folder {folder} is not writable")
+    try:
+        longest = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such limit here (Windows) or not known
+        longest = None
+    names = [os.path.basename(f) for f in (written_files(path) if suffixes == LABELMAP_SUFFIXES else [path])]
+    if longest and max(len(os.fsencode(name)) for name in names) > longest:
+        raise InputError(f"{kind} {path}: the file name is longer than this file system allows ({longest} bytes)")
 
 
 @contextmanager
@@ -193,19 +237,49 @@ def atomic_output(path: str) -> Iterator[str]:
         shutil.rmtree(temporary_folder, ignore_errors=True)
 
 
+def check_storable(path: str, geometry: Geometry) -> None:
+    """Raise InputError when the file type of `path` cannot hold `geometry` exactly: NIfTI keeps
+    only perpendicular axes (ITK would turn a sheared grid into another one)."""
+    if _suffix(str(path)) in (".nii", ".nii.gz") and not geometry.is_rotation:
+        raise InputError(f"output {path}: the grid's axes are sheared (direction "
+                         f"{np.round(geometry.direction_matrix, 4).tolist()}), which NIfTI cannot store; "
+                         "write .nrrd or .mha, which keep them")
+
+
 def write_labelmap(path: str, labels: np.ndarray, geometry: Geometry, atomic: bool = True) -> None:
-    """Write a uint8 labelmap with `geometry` (through a temporary file unless atomic=False)."""
+    """Write a uint8 labelmap with `geometry` (through a temporary file unless atomic=False).
+    Raises InputError when `path` cannot be written (its type, its folder, the file system)."""
     import SimpleITK as sitk
 
-    image = labelmap_image(labels.astype(np.uint8, copy=False), geometry)
+    path = os.fspath(path)
+    check_storable(path, geometry)
     if not atomic:
         # ITK picks the format by the suffix as spelt (O.NII.GZ fails, O.MHA becomes O.mhd + O.zraw):
         # write under the lower-case suffix, then give the file the name asked for
+        image = labelmap_image(labels.astype(np.uint8, copy=False), geometry)
         suffix = _suffix(path)
         written = path[:len(path) - len(suffix)] + suffix
         sitk.WriteImage(image, written, useCompression=True)
         if written != path:
             os.replace(written, path)
         return
-    with atomic_output(path) as temporary:
-        write_labelmap(temporary, labels, geometry, atomic=False)
+    check_writable(path, "output", LABELMAP_SUFFIXES)
+    try:
+        with atomic_output(path) as temporary:
+            write_labelmap(temporary, labels, geometry, atomic=False)
+    except (OSError, RuntimeError) as error:
+        raise InputError(f"output {path} could not be written ({write_error(error)})") from None
+
+
+def write_error(error: BaseException) -> str:
+    """The reason in an error from reading or writing a file, in one line (ITK's own text has
+    several: where it was thrown, then "ITK ERROR: Class(address): reason", sometimes matrices)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    for line in lines:
+        if "ITK ERROR" in line:
+            reason = line.split("): ", 1)[-1]
+            sentence, refusing, _ = reason.partition(" Refusing")
+            return sentence if refusing and sentence else reason
+    return lines[-1] if lines else type(error).__name__

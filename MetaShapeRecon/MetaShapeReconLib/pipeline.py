@@ -167,6 +167,8 @@ def _drawn_dice(prediction: np.ndarray, mask: np.ndarray, planes: ObservedPlanes
 
 
 INTERPOLATION_REFERENCE_GAP_MM = 8.0
+MAX_STEPS = 100_000
+EVALUATIONS = ("coarse-to-fine", "dense")
 
 
 def plane_gap_mm(planes: ObservedPlanes, geometry: Geometry) -> Optional[float]:
@@ -225,16 +227,31 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
     else:
         try:
             fixed_steps = int(steps)
-        except ValueError:
-            raise InputError(f"--steps {steps!r}: expected a number of steps or auto") from None
+            if isinstance(steps, bool) or (isinstance(steps, float) and steps != fixed_steps):
+                raise ValueError(steps)
+        except (ValueError, TypeError, OverflowError):
+            raise InputError(f"--steps {steps!r}: expected a whole number of steps or auto") from None
         if fixed_steps < 0:
             raise InputError("--steps must be 0 or more")
+        if fixed_steps > MAX_STEPS:
+            raise InputError(f"--steps {fixed_steps}: at most {MAX_STEPS:,} (--steps auto stops by itself when the "
+                             "loss stops improving)")
+    if evaluation not in EVALUATIONS:
+        raise InputError(f"--evaluation {evaluation!r}: expected one of {', '.join(EVALUATIONS)}")
+    if label is not None and (isinstance(label, bool) or not isinstance(label, (int, np.integer))):
+        raise InputError(f"--label {label!r}: expected a whole number")
     if labels.ndim != 3 or tuple(labels.shape) != geometry.size:
         raise InputError(f"labelmap array {labels.shape} does not match its geometry {geometry.size}")
+    for grid, what in ((geometry, "the labelmap's grid"), (output_geometry, "the output grid")):
+        if grid is not None and grid.problem():
+            raise InputError(f"{what}: {grid.problem()}")
     output_geometry = output_geometry or geometry
     torch_device = resolve_device(device)
     precision = check_precision(precision)
-    card_weight = prior.adaptation["interpolation_weight"] if interpolation is None else float(interpolation)
+    try:
+        card_weight = prior.adaptation["interpolation_weight"] if interpolation is None else float(interpolation)
+    except (TypeError, ValueError):
+        card_weight = float("nan")
     if not (card_weight >= 0 and np.isfinite(card_weight)):
         raise InputError(f"--interpolation {interpolation!r}: expected a number >= 0")
 
@@ -285,10 +302,10 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
     if evidence is not None:
         timings = dict(interpolate=interpolate_seconds, **timings)
 
-    same_grid = output_geometry.same_grid(geometry)
-    if same_grid:
-        drawn_dice = _drawn_dice(output, mask, planes)
-        removed_parts, removed_voxels = finish_on_drawing(output, mask, planes)  # the drawing is the truth
+    offset = output_geometry.lattice_offset(geometry)
+    keeps_drawing = offset is not None and _overlap(offset, output.shape, mask.shape) is not None
+    if keeps_drawing:  # the drawing's grid, or a crop or extension of it: the drawing is the truth there
+        drawn_dice, removed_parts, removed_voxels = _finish_on_lattice(output, mask, planes, offset)
     else:
         drawn_dice = dice(network.probabilities(context.coords.cpu().numpy()) >= 0.5, context.target.cpu().numpy())
         removed_parts = removed_voxels = 0
@@ -317,12 +334,54 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
         "dice_observed_planes": drawn_dice,
         "evaluation": {"method": evaluation, "network_evaluations": network.evaluated},
         "output": dict(output_geometry.to_dict(), foreground_voxels=int(output.sum()),
-                       volume_ml=float(output.sum()) * voxel_ml, keeps_drawn_planes=same_grid,
+                       volume_ml=float(output.sum()) * voxel_ml, keeps_drawn_planes=keeps_drawing,
                        unsupported_parts_removed={"parts": removed_parts, "voxels": removed_voxels}),
         "warnings": warnings,
         "timings_s": dict(timings, reconstruct=time.perf_counter() - started),
     }
     return Reconstruction(output, output_geometry, record)
+
+
+def _overlap(offset, output_shape, drawing_shape):
+    """The box where a grid `offset` voxels into the drawing's grid overlaps it, in drawing
+    indices (None when they do not overlap)."""
+    low = np.maximum(offset, 0)
+    high = np.minimum(np.add(offset, output_shape), drawing_shape)
+    return None if np.any(high <= low) else tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+
+
+def _finish_on_lattice(output: np.ndarray, mask: np.ndarray, planes: ObservedPlanes, offset):
+    """`finish_on_drawing` for an output grid on the drawing's lattice whose first voxel is the
+    drawing's voxel `offset`: (Dice on the drawn planes, parts removed, voxels removed), in place.
+    Both live in one box (drawing indices) that holds the output and the drawn structure, so a
+    part inside the output is kept when what supports it was drawn just outside. On the planes,
+    voxels outside the drawing's grid were never seen: they keep the network's value."""
+    if tuple(offset) == (0, 0, 0) and output.shape == mask.shape:
+        drawn_dice = _drawn_dice(output, mask, planes)
+        return (drawn_dice,) + finish_on_drawing(output, mask, planes)
+    overlap = _overlap(offset, output.shape, mask.shape)
+    inside = tuple(slice(o.start - a, o.stop - a) for o, a in zip(overlap, offset))  # the overlap, output indices
+    in_overlap = {axis: indices[(indices >= overlap[axis].start) & (indices < overlap[axis].stop)]
+                  - overlap[axis].start for axis, indices in planes.items()}
+    seen = output[inside].any() or mask[overlap].any()
+    drawn_dice = _drawn_dice(output[inside], mask[overlap], in_overlap) if seen else 1.0  # as `dice` of nothing
+
+    drawn = [np.nonzero(mask.any(axis=others))[0] for others in ((1, 2), (0, 2), (0, 1))]
+    low = np.minimum(offset, [d[0] for d in drawn])
+    high = np.maximum(np.add(offset, output.shape), [d[-1] + 1 for d in drawn])
+    where_output = tuple(slice(int(o - lo), int(o - lo + n)) for o, lo, n in zip(offset, low, output.shape))
+    where_drawing = tuple(slice(int(max(lo, 0) - lo), int(min(hi, n) - lo))
+                          for lo, hi, n in zip(low, high, mask.shape))
+    result = np.zeros(tuple(int(n) for n in high - low), dtype=output.dtype)
+    result[where_output] = output
+    truth = result.copy()  # off the drawing's grid: what the network says
+    truth[where_drawing] = mask[tuple(slice(int(max(lo, 0)), int(min(hi, n)))
+                                      for lo, hi, n in zip(low, high, mask.shape))]
+    in_box = {axis: indices[(indices >= low[axis]) & (indices < high[axis])] - low[axis]
+              for axis, indices in planes.items()}
+    removed = finish_on_drawing(result, truth, {a: i for a, i in in_box.items() if len(i)})
+    output[...] = result[where_output]
+    return (drawn_dice,) + removed
 
 
 def _drawn_off_planes(mask: np.ndarray, planes: ObservedPlanes) -> int:

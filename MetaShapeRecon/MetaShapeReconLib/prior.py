@@ -281,6 +281,7 @@ def resolve_prior_path(name_or_path: str) -> str:
 
 
 def _check_card(card: dict, where: str) -> Siren:
+    """The card's network, on the meta device (shapes, no storage), once the card is usable."""
     if card.get("format") != FORMAT:
         raise InputError(f"{where}: not a MetaShapeRecon model card (format {card.get('format')!r})")
     if card.get("format_version") != FORMAT_VERSION:
@@ -300,7 +301,8 @@ def _check_card(card: dict, where: str) -> Siren:
         omega_0 = architecture["omega_0"]
         if isinstance(omega_0, bool) or not isinstance(omega_0, (int, float)) or not 0 < omega_0 < 1e6:
             raise ValueError(f"architecture omega_0 = {omega_0!r}, expected a positive number")
-        model = Siren.from_architecture(architecture)
+        with torch.device("meta"):  # its shapes only: a card may not make us allocate before the file is checked
+            model = Siren.from_architecture(architecture)
         if not isinstance(card["frame"], dict):
             raise ValueError("frame must be a JSON object")
         FrameSpec.from_metadata(card["frame"])
@@ -314,7 +316,7 @@ def _check_card(card: dict, where: str) -> Siren:
 
 def load_prior(name_or_path: str = "kidney", device="cpu") -> Prior:
     """Load and validate a prior by bundled name or file path."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     tensor_path = resolve_prior_path(name_or_path)
@@ -333,7 +335,9 @@ def load_prior(name_or_path: str = "kidney", device="cpu") -> Prior:
         raise InputError(f"cannot read prior model card {card_path}: {error.strerror or error}") from None
     except (ValueError, UnicodeDecodeError) as error:
         raise InputError(f"prior model card {card_path} is not valid JSON ({error})") from None
-    model = _check_card(card, card_path)
+    except RecursionError:
+        raise InputError(f"prior model card {card_path} is not a model card (nested too deeply)") from None
+    shapes = {k: tuple(v.shape) for k, v in _check_card(card, card_path).named_parameters()}
     try:
         with open(tensor_path, "rb"):  # a permission problem is not a corrupt file
             pass
@@ -343,43 +347,44 @@ def load_prior(name_or_path: str = "kidney", device="cpu") -> Prior:
     except OSError as error:
         raise InputError(f"cannot read prior {tensor_path}: {error.strerror or error}") from None
     try:
+        with safe_open(tensor_path, framework="pt") as handle:  # the header alone: names and shapes
+            stored = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise InputError(f"prior {tensor_path} is corrupt or not a safetensors file ({error})") from None
+    for name, shape in shapes.items():
+        if WEIGHTS + name not in stored:
+            raise InputError(f"prior {tensor_path} does not match its architecture: tensor {WEIGHTS}{name} "
+                             "is missing")
+        for prefix in (WEIGHTS, INNER_LR, FIRST_STEP_LR):
+            if prefix + name in stored and stored[prefix + name] != shape:
+                what = "does not match its architecture: " if prefix == WEIGHTS else ""
+                raise InputError(f"prior {tensor_path} {what}{prefix}{name} has shape {stored[prefix + name]}, "
+                                 f"expected {shape}")
+    first_names = [k for k in shapes if FIRST_STEP_LR + k in stored]
+    if first_names and len(first_names) != len(shapes):
+        missing = sorted(FIRST_STEP_LR + k for k in shapes if k not in first_names)
+        raise InputError(f"prior {tensor_path} holds the first step's step sizes of some weights only "
+                         f"({', '.join(missing)} missing)")
+    known = {prefix + k for k in shapes for prefix in (WEIGHTS, INNER_LR, FIRST_STEP_LR)}
+    unexpected = set(stored) - known
+    if unexpected:
+        raise InputError(f"prior {tensor_path} has unexpected tensors: {', '.join(sorted(unexpected))}")
+    try:
         tensors = load_file(tensor_path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise InputError(f"prior {tensor_path} is corrupt or not a safetensors file ({error})") from None
 
-    expected = {k: tuple(v.shape) for k, v in model.named_parameters()}
     params, lrs, first = {}, {}, {}
-    for name, shape in expected.items():
-        weight = tensors.get(WEIGHTS + name)
-        if weight is None:
-            raise InputError(f"prior {tensor_path} does not match its architecture: tensor {WEIGHTS}{name} "
-                             "is missing")
-        if tuple(weight.shape) != shape:
-            raise InputError(f"prior {tensor_path} does not match its architecture: {WEIGHTS}{name} "
-                             f"has shape {tuple(weight.shape)}, expected {shape}")
-        params[name] = weight.float()
+    default_lr = float(merged_adaptation(card).get("inner_lr", 0.01))
+    for name, shape in shapes.items():
+        params[name] = tensors[WEIGHTS + name].float()
         lr = tensors.get(INNER_LR + name)
-        if lr is None:
-            lr = torch.full(shape, float(merged_adaptation(card).get("inner_lr", 0.01)))
-        elif tuple(lr.shape) != shape:
-            raise InputError(f"prior {tensor_path}: {INNER_LR}{name} has shape {tuple(lr.shape)}, expected {shape}")
-        lrs[name] = lr.float()
-        first_lr = tensors.get(FIRST_STEP_LR + name)
-        if first_lr is not None:
-            if tuple(first_lr.shape) != shape:
-                raise InputError(f"prior {tensor_path}: {FIRST_STEP_LR}{name} has shape {tuple(first_lr.shape)}, "
-                                 f"expected {shape}")
-            first[name] = first_lr.float()
-    if first and len(first) != len(expected):
-        missing = sorted(FIRST_STEP_LR + k for k in expected if k not in first)
-        raise InputError(f"prior {tensor_path} holds the first step's step sizes of some weights only "
-                         f"({', '.join(missing)} missing)")
-    known = {prefix + k for k in expected for prefix in (WEIGHTS, INNER_LR, FIRST_STEP_LR)}
-    unexpected = set(tensors) - known
-    if unexpected:
-        raise InputError(f"prior {tensor_path} has unexpected tensors: {', '.join(sorted(unexpected))}")
+        lrs[name] = torch.full(shape, default_lr) if lr is None else lr.float()
+        if name in first_names:
+            first[name] = tensors[FIRST_STEP_LR + name].float()
     if not all(torch.isfinite(t).all() for t in list(params.values()) + list(lrs.values()) + list(first.values())):
         raise InputError(f"prior {tensor_path} holds non-finite values")
+    model = Siren.from_architecture(card["architecture"])
     model.load_state_dict(params)
     model.requires_grad_(False)
     return Prior(model, params, lrs, card, tensor_path, first or None).to(device)

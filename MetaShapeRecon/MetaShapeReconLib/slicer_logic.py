@@ -242,9 +242,10 @@ def _closed_surface_name() -> str:
     return slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
 
 
-def segment_labels(segmentation_node, segment_id: str, grid: ReferenceGrid) -> Tuple[np.ndarray, bool]:
-    """The segment as a uint8 0/1 array indexed (i, j, k) on `grid`, and whether its own
-    labelmap lies on the grid's lattice (otherwise it was resampled, nearest neighbour).
+def segment_labels(segmentation_node, segment_id: str, grid: ReferenceGrid) -> Tuple[np.ndarray, bool, int]:
+    """The segment as a uint8 0/1 array indexed (i, j, k) on `grid`, whether its own labelmap
+    lies on the grid's lattice (otherwise it was resampled, nearest neighbour), and how many of
+    its voxels lie outside the grid (counted on its lattice only; 0 otherwise).
 
     Reads copies only: the segmentation is not modified, not even by a representation
     conversion (a segment whose source is a closed surface is converted in a scratch copy)."""
@@ -275,7 +276,7 @@ def segment_labels(segmentation_node, segment_id: str, grid: ReferenceGrid) -> T
     extent = labelmap.GetExtent()
     empty = extent[1] < extent[0] or extent[3] < extent[2] or extent[5] < extent[4]
     if empty or labelmap.GetPointData().GetScalars() is None:
-        return np.zeros(size, dtype=np.uint8), True
+        return np.zeros(size, dtype=np.uint8), True, 0
     on_lattice = _same_lattice(labelmap, reference)
     resampled = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
@@ -288,7 +289,11 @@ def segment_labels(segmentation_node, segment_id: str, grid: ReferenceGrid) -> T
 
     values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars())
     labels = (values.reshape(size[2], size[1], size[0]) != 0).transpose(2, 1, 0)
-    return np.ascontiguousarray(labels, dtype=np.uint8), on_lattice
+    left_out = 0
+    if on_lattice:  # the same voxels: what is not on the grid now was cut off
+        drawn = int(np.count_nonzero(numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())))
+        left_out = max(0, drawn - int(np.count_nonzero(labels)))
+    return np.ascontiguousarray(labels, dtype=np.uint8), on_lattice, left_out
 
 
 def _same_lattice(image, reference, tolerance: float = 1e-3) -> bool:
@@ -319,6 +324,7 @@ class SegmentInput:
     color: Tuple[float, float, float]
     labels: np.ndarray  # uint8 0/1, (i, j, k) on the job's drawing grid
     on_lattice: bool
+    left_out: int = 0  # drawn voxels outside the grid the segment was read on (not used)
 
 
 @dataclass
@@ -342,8 +348,8 @@ class ReconstructionJob:
     timings: Dict[str, float] = field(default_factory=dict)
     precision: str = "auto"
     interpolation: Optional[float] = None  # None: the prior's card
-    # the grid the segments were read on, where it is another lattice than `grid` (None: `grid`);
-    # drawn planes stay planes only on their own lattice
+    # the grid the segments were read on, where it is another grid than `grid` (None: `grid`):
+    # drawn planes stay planes only on their own lattice, and a crop would cut the drawing
     drawing_grid: Optional[ReferenceGrid] = None
 
     @property
@@ -424,16 +430,19 @@ def prepare(segmentation_node, segment_id=None, reference_volume_node=None, prio
             own = reference_grid(segmentation_node, None, ids)
         except InputError:  # no grid of its own: read the drawing on the chosen one
             own = None
-        if own is not None and not _same_lattice(own.oriented_image(), grid.oriented_image()):
-            drawing_grid = own  # read there; the network is evaluated on `grid`
+        if own is not None and not own.geometry.same_grid(grid.geometry):
+            # read there, all of it (a crop of the grid would cut the drawing), with slice numbers
+            # counted there; the network is evaluated on `grid`
+            drawing_grid = own
     segments = []
     for sid in ids:
         segment = segmentation.GetSegment(sid)
-        labels, on_lattice = segment_labels(segmentation_node, sid, drawing_grid or grid)
+        labels, on_lattice, left_out = segment_labels(segmentation_node, sid, drawing_grid or grid)
         if not labels.any():
             raise InputError(f"segment '{segment.GetName()}' is empty on the reference geometry: draw it on a "
                              "few slices first")
-        segments.append(SegmentInput(sid, segment.GetName(), tuple(segment.GetColor()), labels, on_lattice))
+        segments.append(SegmentInput(sid, segment.GetName(), tuple(segment.GetColor()), labels, on_lattice,
+                                     left_out))
     return ReconstructionJob(
         scene=scene, segmentation_node_id=segmentation_node.GetID(), segmentation_name=segmentation_node.GetName(),
         reference_volume_node_id=reference_volume_node.GetID() if reference_volume_node is not None else None,
@@ -502,6 +511,9 @@ def compute(job: ReconstructionJob, progress: Optional[Progress] = None,
         if not segment.on_lattice:
             result.report.setdefault("warnings", []).append(
                 "the segment was drawn on another grid than the reference geometry and was resampled onto it")
+        if segment.left_out:
+            result.report.setdefault("warnings", []).append(
+                f"{segment.left_out} drawn voxel(s) lie outside the reference geometry and were not used")
         result.report["segment"] = {"id": segment.segment_id, "name": segment.name}
         outputs.append(SegmentOutput(segment.segment_id, result.labels, result.report))
         done_steps += per_segment_total[0] or 0
@@ -530,6 +542,8 @@ class ReconstructionResult:
     _added_segments: List[Tuple[str, str]] = field(default_factory=list, repr=False)  # (node id, segment id)
     # (node id, segment id, old labelmap, whether it was tagged RECONSTRUCTED_TAG)
     _replaced: List[Tuple[str, str, Any, bool]] = field(default_factory=list, repr=False)
+    # Show 3D: (node id, whether it had closed surfaces, its 3-D visibility, replaced segments' 3-D visibility)
+    _shown_3d: List[Tuple[str, bool, Optional[bool], Dict[str, bool]]] = field(default_factory=list, repr=False)
 
     @property
     def device(self) -> str:
@@ -567,6 +581,18 @@ class ReconstructionResult:
         scene = self.scene
         if scene is None:
             return
+        for node_id, had_surface, visible, segment_visible in reversed(self._shown_3d):
+            node = scene.GetNodeByID(node_id)
+            if node is None:
+                continue
+            if not had_surface:
+                node.RemoveClosedSurfaceRepresentation()
+            display = node.GetDisplayNode()
+            if display is not None and visible is not None:
+                display.SetVisibility3D(visible)
+                for segment_id, shown in segment_visible.items():
+                    if node.GetSegmentation().GetSegment(segment_id) is not None:
+                        display.SetSegmentVisibility3D(segment_id, shown)
         for node_id, segment_id, old, tagged in reversed(self._replaced):
             node = scene.GetNodeByID(node_id)
             if node is not None and node.GetSegmentation().GetSegment(segment_id) is not None:
@@ -581,7 +607,7 @@ class ReconstructionResult:
             node = scene.GetNodeByID(node_id)
             if node is not None:
                 _remove_node(scene, node)
-        self._replaced, self._added_segments, self._created_node_ids = [], [], []
+        self._shown_3d, self._replaced, self._added_segments, self._created_node_ids = [], [], [], []
         self.segment_ids, self.model_node_ids = [], []
 
 
@@ -710,7 +736,9 @@ def apply(job: ReconstructionJob, computed: ComputedReconstruction) -> Reconstru
     result = ReconstructionResult(segmentation_node_id=job.segmentation_node_id, segment_ids=[], output=job.output,
                                   reports=[o.report for o in computed.outputs], timings_s={}, prior=computed.prior_name,
                                   scene=scene)
-    if scene.GetUndoFlag():  # Slicer's scene undo is on: one undo step takes the whole change back
+    scene_undo = bool(scene.GetUndoFlag())
+    if scene_undo:  # Slicer's scene undo is on: one undo step takes the whole change back
+        source_was_undoable = source_node.GetUndoEnabled()
         source_node.SetUndoEnabled(True)
         scene.SaveStateForUndo()
     inputs = {s.segment_id: s for s in job.segments}
@@ -733,6 +761,7 @@ def apply(job: ReconstructionJob, computed: ComputedReconstruction) -> Reconstru
             _place_beside(scene, target_node, source_node)
         result.segmentation_node_id = target_node.GetID()
         target = target_node.GetSegmentation()
+        had_surface = target.GetNumberOfSegments() > 0 and target.ContainsRepresentation(_closed_surface_name())
         was_modifying = target_node.StartModify()
 
         for output in computed.outputs:
@@ -759,8 +788,12 @@ def apply(job: ReconstructionJob, computed: ComputedReconstruction) -> Reconstru
             result.segment_ids.append(new_id)
 
         if job.show_3d:
-            target_node.CreateClosedSurfaceRepresentation()  # Slicer's "Show 3D"
             display = target_node.GetDisplayNode()
+            replaced_visible = ({sid: bool(display.GetSegmentVisibility3D(sid)) for sid in result.segment_ids}
+                                if display is not None and job.output == "replace" else {})
+            result._shown_3d.append((target_node.GetID(), had_surface,
+                                     None if display is None else bool(display.GetVisibility3D()), replaced_visible))
+            target_node.CreateClosedSurfaceRepresentation()  # Slicer's "Show 3D"
             if display is not None:
                 display.SetVisibility3D(True)
                 for new_id in result.segment_ids:
@@ -777,6 +810,10 @@ def apply(job: ReconstructionJob, computed: ComputedReconstruction) -> Reconstru
             target_node.EndModify(was_modifying)
             was_modifying = None
         result.undo()
+        if scene_undo:  # take back the undo step too: nothing happened
+            scene.Undo()
+            scene.ClearRedoStack()
+            source_node.SetUndoEnabled(source_was_undoable)
         raise
     finally:
         if was_modifying is not None:

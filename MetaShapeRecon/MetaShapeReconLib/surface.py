@@ -7,7 +7,7 @@ import numpy as np
 
 from .errors import InputError
 from .geometry import Geometry
-from .labelmap_io import atomic_output
+from .labelmap_io import atomic_output, check_writable, write_error
 
 SURFACE_SUFFIXES = (".vtk", ".vtp", ".stl", ".ply", ".obj")
 
@@ -87,6 +87,7 @@ def write_surface(path: str, polydata, atomic: bool = True) -> None:
     """Write a surface by file type (through a temporary file unless atomic=False)."""
     import vtk
 
+    path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in SURFACE_SUFFIXES:
         raise InputError(f"surface {path}: unsupported type; use one of {', '.join(SURFACE_SUFFIXES)}")
@@ -103,5 +104,9 @@ def write_surface(path: str, polydata, atomic: bool = True) -> None:
         if not writer.Write():
             raise InputError(f"could not write surface {path}")
         return
-    with atomic_output(path) as temporary:
-        write_surface(temporary, polydata, atomic=False)
+    check_writable(path, "surface", SURFACE_SUFFIXES)
+    try:
+        with atomic_output(path) as temporary:
+            write_surface(temporary, polydata, atomic=False)
+    except OSError as error:
+        raise InputError(f"surface {path} could not be written ({write_error(error)})") from None

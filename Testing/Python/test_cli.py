@@ -238,6 +238,9 @@ def _bad_cases(folder):
     text = folder / "text.nii.gz"
     text.write_text("not an image\n")
     no_card = prior_variant("nocard")
+    nested = prior_variant("nested")
+    with open(nested[:-len(".safetensors")] + ".json", "w") as handle:
+        handle.write("[" * 100000 + "]" * 100000)
     os.remove(no_card[:-len(".safetensors")] + ".json")
     priors_dir = folder / "priors"
     copy_prior(prior, str(priors_dir), "available-one")
@@ -263,6 +266,12 @@ def _bad_cases(folder):
             [good, "--prior", prior_variant("future", change_card=lambda c: c.update(format_version=99))],
             "format version 99 is not supported"),
         "prior without model card": ([good, "--prior", no_card], "model card not found"),
+        "prior card nested too deeply": ([good, "--prior", nested], "nested too deeply"),
+        # refused from the file's header, before the card's 8192 x 8192 layers would take 17 GB
+        "prior with a huge architecture": (
+            [good, "--prior", prior_variant("huge", change_card=lambda c: c["architecture"].update(
+                hidden_features=8192, linear_layers=64))], "does not match its architecture"),
+        "too many steps": ([good, "--steps", "99999999999999999999"], "at most 100,000"),
         "prior not found": ([good, "--prior", "no-such-prior"], "available-one"),
         "bad slices": ([good, "--slices", "diagonal:8"], "--slices"),
         "bad steps": ([good, "--steps", "lots"], "--steps"),
@@ -297,7 +306,8 @@ SUBPROCESS_CASES = ["missing file", "unreadable file", "2-D image", "vector imag
                     "cuda without CUDA"]
 # more of the same kind, through `cli.main` in this process (the same code, without the start-up time)
 IN_PROCESS_CASES = ["4-D image", "corrupt prior without checksum", "prior from the future",
-                    "prior without model card", "bad slices", "bad steps", "bad label", "unsupported output type"]
+                    "prior without model card", "prior card nested too deeply", "prior with a huge architecture",
+                    "bad slices", "bad steps", "too many steps", "bad label", "unsupported output type"]
 
 
 @pytest.fixture(scope="module")
@@ -423,7 +433,7 @@ def test_a_folder_named_like_the_output_is_refused_before_any_work(sphere_input,
 
 
 def test_a_labelmap_that_cannot_be_moved_into_place_leaves_neither_surface_nor_report(sphere_input, tmp_path,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, capsys):
     real_replace = os.replace
 
     def replace(source, destination):
@@ -434,8 +444,25 @@ def test_a_labelmap_that_cannot_be_moved_into_place_leaves_neither_surface_nor_r
     monkeypatch.setattr(os, "replace", replace)
     code = quick_run("reconstruct", sphere_input[0], str(tmp_path / "o.nii.gz"), "--slices", "axial:4",
                      "--surface", str(tmp_path / "s.vtk"), "--report", str(tmp_path / "r.json"))
-    assert code == 1
+    check_refused(capsys, code, "could not write the outputs (No space left on device); none was written")
     assert os.listdir(tmp_path) == []
+
+
+def test_an_output_may_not_replace_a_file_the_run_reads(sphere_input, tmp_path, capsys):
+    """Not the input's data file beside its header, not the prior or its model card."""
+    source = str(tmp_path / "drawing.mhd")
+    write_labelmap(source, read_labelmap(sphere_input[0])[0], sphere_input[2])
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    assert sorted(before) == ["drawing.mhd", "drawing.zraw"]
+    code = quick_run("reconstruct", source, str(tmp_path / "drawing.MHD"), "--slices", "axial:4")
+    check_refused(capsys, code, "(its data file")
+    prior = copy_prior(untrained_prior_file(), str(tmp_path / "prior"), "mine")
+    card = prior[:-len(".safetensors")] + ".json"
+    code = cli.main(["reconstruct", source, str(tmp_path / "o.nii.gz"), "--prior", prior, "--steps", "0",
+                     "--slices", "axial:4", "--report", card, "--quiet"])
+    check_refused(capsys, code, "is the same file as the prior's model card")
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(tmp_path)) == ["drawing.mhd", "drawing.zraw", "prior"]
 
 
 def test_an_output_may_not_replace_the_input_or_another_output(sphere_input, tmp_path, capsys):
@@ -467,7 +494,8 @@ def test_upper_case_output_suffixes_write_exactly_the_named_files(sphere_input, 
 
 
 @pytest.mark.parametrize("spacing,phrase", [("nan", "finite positive"), ("inf", "finite positive"),
-                                            ("0", "finite positive"), ("1e-6", "choose a coarser spacing")])
+                                            ("0", "finite positive"), ("1e-6", "choose a coarser spacing"),
+                                            ("1000", "coarser than the image")])
 def test_output_spacing_must_be_finite_positive_and_not_too_fine(sphere_input, tmp_path, capsys, spacing, phrase):
     code = quick_run("reconstruct", sphere_input[0], str(tmp_path / "o.nii.gz"), "--slices", "axial:4",
                      "--report", str(tmp_path / "r.json"), "--output-spacing", spacing)

@@ -9,7 +9,15 @@ import SimpleITK as sitk
 from fitted import OBLIQUE_DIRECTION, oblique_geometry
 from MetaShapeReconLib.errors import InputError
 from MetaShapeReconLib.geometry import Geometry
-from MetaShapeReconLib.labelmap_io import atomic_output, check_writable, labelmap_image, read_labelmap, write_labelmap
+from MetaShapeReconLib.labelmap_io import (
+    atomic_output,
+    check_writable,
+    labelmap_image,
+    read_files,
+    read_labelmap,
+    write_labelmap,
+    written_files,
+)
 
 SUFFIXES = [".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".mha", ".mhd"]
 
@@ -75,6 +83,68 @@ def test_read_accepts_integer_types_and_whole_floats(tmp_path):
         sitk.WriteImage(image, path)
         labels, _ = read_labelmap(path)
         assert labels[3, 2, 1] == array[1, 2, 3] and labels.sum() == array.sum()
+
+
+def test_labels_beyond_32_bits_keep_their_value(tmp_path):
+    for pixel, value in ((np.uint32, 4_000_000_000), (np.int64, 2 ** 32), (np.float64, 2.0 ** 32)):
+        array = np.zeros((4, 4, 4), pixel)
+        array[1, 2, 3] = value
+        path = tmp_path / f"big-{np.dtype(pixel).name}.nrrd"
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+        labels, _ = read_labelmap(path)  # a path object, as write_labelmap takes
+        assert labels[3, 2, 1] == value and np.count_nonzero(labels) == 1
+
+
+def test_writing_names_the_users_path_when_it_cannot_be_done(tmp_path):
+    labels, geometry = np.ones((4, 4, 4), np.uint8), Geometry.create((4, 4, 4), (1.0, 1.0, 1.0))
+    with pytest.raises(InputError, match="unsupported file type"):
+        write_labelmap(str(tmp_path / "slice.png"), labels, geometry)
+    with pytest.raises(InputError, match=r"nowhere/o\.nii\.gz: folder .* does not exist"):
+        write_labelmap(tmp_path / "nowhere" / "o.nii.gz", labels, geometry)
+    with pytest.raises(InputError, match="longer than this file system allows"):
+        write_labelmap(str(tmp_path / ("x" * 300 + ".nii.gz")), labels, geometry)
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_files_a_header_and_its_data_file_take(tmp_path):
+    geometry = Geometry.create((4, 4, 4), (1.0, 1.0, 1.0))
+    for name in ("a.mhd", "b.nhdr", "c.MHD", "d.nii.gz"):
+        path = str(tmp_path / name)
+        write_labelmap(path, np.ones((4, 4, 4), np.uint8), geometry)
+        assert all(os.path.isfile(f) for f in written_files(path))
+        assert sorted(read_files(path)) == sorted(written_files(path))
+    assert sorted(os.listdir(tmp_path)) == ["a.mhd", "a.zraw", "b.nhdr", "b.raw.gz", "c.MHD", "c.zraw", "d.nii.gz"]
+
+
+@pytest.mark.parametrize("header,phrase", [
+    ("TransformMatrix = 0 0 1 0 1 0 0 0 0", "Bad direction, determinant is 0"),
+    ("ElementSpacing = 1e-30 1 1", "finer than 0.0001 mm"),
+])
+def test_a_header_with_an_unusable_grid_is_refused_in_one_line(tmp_path, header, phrase):
+    path = tmp_path / "case.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 4, 4), np.uint8)), str(path))
+    data = path.read_bytes()
+    key = header.split(" = ")[0].encode()
+    start = data.index(key)
+    end = data.index(b"\n", start)
+    path.write_bytes(data[:start] + header.encode() + data[end:])
+    with pytest.raises(InputError, match=phrase) as caught:
+        read_labelmap(str(path))
+    assert "\n" not in str(caught.value)
+
+
+def test_a_sheared_grid_is_kept_where_the_file_type_can_hold_it_and_refused_elsewhere(tmp_path):
+    sheared = Geometry.create((4, 5, 6), (1.0, 0.8, 2.0), (3, -2, 7), (1, 0, 0.6, 0, 1, 0, 0, 0, 0.8))
+    labels = np.zeros(sheared.size, np.uint8)
+    labels[1:3, 2:4, 2:5] = 1
+    for name in ("s.nrrd", "s.mha"):
+        write_labelmap(str(tmp_path / name), labels, sheared)
+        read, geometry = read_labelmap(str(tmp_path / name))
+        np.testing.assert_array_equal(read, labels)
+        assert_same_geometry(geometry, sheared)
+    with pytest.raises(InputError, match="sheared .* which NIfTI cannot store"):
+        write_labelmap(str(tmp_path / "s.nii.gz"), labels, sheared)
+    assert sorted(os.listdir(tmp_path)) == ["s.mha", "s.nrrd"]
 
 
 def test_read_errors(tmp_path):

@@ -132,6 +132,28 @@ def test_output_keeps_the_drawing_on_observed_planes(small_case):
     assert finer.labels.shape == (60, 58, 60) and not finer.report["output"]["keeps_drawn_planes"]
 
 
+def test_an_output_grid_on_the_drawings_lattice_keeps_the_drawing_where_it_covers_it(small_case):
+    """A crop or an extension of the drawing's grid (same voxels, other extent): the drawing stands
+    on the planes inside it, voxel for voxel the reconstruction on the drawing's own grid."""
+    sparse, geometry, _, prior = small_case
+    whole = reconstruct(sparse, geometry, prior, steps=1, device="cpu")
+    for first, size in (((7, 4, 3), (20, 16, 14)), ((-5, -3, -2), (40, 30, 26))):  # a crop, an extension
+        grid = Geometry.create(size, geometry.spacing, geometry.index_to_physical([first])[0], geometry.direction)
+        assert grid.lattice_offset(geometry) == first
+        result = reconstruct(sparse, geometry, prior, steps=1, device="cpu", output_geometry=grid)
+        assert result.report["output"]["keeps_drawn_planes"]
+        low = np.maximum(first, 0)
+        high = np.minimum(np.add(first, size), geometry.size)
+        inside = tuple(slice(int(a - f), int(b - f)) for a, b, f in zip(low, high, first))
+        drawn = tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+        np.testing.assert_array_equal(result.labels[inside], whole.labels[drawn])
+    elsewhere = Geometry.create((20, 16, 14), geometry.spacing, geometry.index_to_physical([[0.5, 0, 0]])[0],
+                                geometry.direction)
+    assert elsewhere.lattice_offset(geometry) is None
+    assert not reconstruct(sparse, geometry, prior, steps=1, device="cpu",
+                           output_geometry=elsewhere).report["output"]["keeps_drawn_planes"]
+
+
 def test_progress_receives_step_total_loss_through_adaptation_and_evaluation(small_case):
     sparse, geometry, _, prior = small_case
     calls = []
@@ -176,12 +198,19 @@ def test_bad_input(small_case):
         (np.ones(geometry.size, np.int32), {}, "fills the whole grid"),
         (np.where(mask, 1, 0), {}, "no observed plane found"),
         (sparse, {"label": 7}, r"label 7 is absent .*labels present: 1\)"),
-        (sparse, {"steps": "many"}, "expected a number of steps or auto"),
+        (sparse, {"steps": "many"}, "expected a whole number of steps or auto"),
+        (sparse, {"steps": 2.7}, "expected a whole number of steps or auto"),
+        (sparse, {"steps": float("inf")}, "expected a whole number of steps or auto"),
+        (sparse, {"steps": 10 ** 20}, "at most 100,000"),
         (sparse, {"steps": -1}, "0 or more"),
+        (sparse, {"evaluation": "sparse"}, "--evaluation 'sparse': expected one of coarse-to-fine, dense"),
+        (sparse, {"interpolation": "abc"}, "--interpolation 'abc': expected a number >= 0"),
+        (sparse, {"label": "1"}, "--label '1': expected a whole number"),
         (sparse, {"device": "tpu"}, "expected auto, cpu or cuda"),
         (sparse, {"precision": "float16"}, "expected auto, float32 or bfloat16"),
         (sparse, {"slices": "axial:9:9"}, "OFFSET"),
         (sparse[:, :, :5], {}, "does not match its geometry"),
+        (sparse, {"output_geometry": Geometry.create(geometry.size, (0.0, 1.0, 1.0))}, "output grid: spacing"),
     ]
     if not torch.cuda.is_available():
         cases.append((sparse, {"device": "cuda"}, "CUDA is not available"))

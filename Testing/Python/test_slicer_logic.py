@@ -837,3 +837,84 @@ def test_warnings_name_the_module_controls_too(scene, quick_prior, blob_geometry
 
     off = [w for w in result.reports[0]["warnings"] if "lie off the observed planes" in w]
     assert len(off) == 1 and "'Drawn planes'" in off[0] and "--" not in off[0], result.reports[0]["warnings"]
+
+
+def test_a_cropped_output_geometry_reads_the_whole_drawing_where_it_was_drawn(scene, quick_prior, blob_geometry):
+    """A volume on the drawing's voxels that cuts through the drawing (Crop Volume at the same
+    spacing): the drawing is read whole on its own grid, slice numbers count there, and the
+    result keeps the drawing where the crop covers it."""
+    node, volume, left_id = draw_left_blob(scene, blob_geometry)
+    drawn = exported(scene, node, left_id, volume)
+    assert drawn[:20].any() and drawn[20:].any()
+    crop = Geometry.create((44, 44, 40), blob_geometry.spacing, blob_geometry.index_to_physical([[20, 0, 0]])[0],
+                           blob_geometry.direction)
+    cropped = add_volume(scene, crop, "cropped")
+
+    job = prepare(node, left_id, cropped, prior=quick_prior, slices="i:6:2")  # planes 2, 8, ... of the drawn grid
+    assert job.drawing_grid is not None and int(job.segments[0].labels.sum()) == int(drawn.sum())
+    new_id, result = reconstruct_segment(node, left_id, cropped, prior=quick_prior, slices="i:6:2", show_3d=False)
+
+    report = result.reports[0]
+    assert report["observed_planes"][0]["indices"] == list(range(2, 64, 6)) and not result.warnings
+    assert report["output"]["keeps_drawn_planes"]
+    written = exported(scene, node, new_id, cropped)
+    planes = [i - 20 for i in range(2, 64, 6) if i >= 20]
+    np.testing.assert_array_equal(written[planes], drawn[20:][planes])
+
+
+def test_drawn_voxels_outside_the_reference_geometry_are_named_in_a_warning(scene, quick_prior, blob_geometry):
+    volume = add_volume(scene, blob_geometry)
+    node = add_segmentation(scene, volume)
+    larger = Geometry.create((80, 56, 40), blob_geometry.spacing, blob_geometry.index_to_physical([[-8, -6, 0]])[0],
+                             blob_geometry.direction)
+    left, _ = two_blobs(larger)
+    drawing = sparse_planes(np.roll(left, -20, axis=0), 0, 6, 2)  # partly in the 8 planes before the reference
+    left_id = draw(node, add_volume(scene, larger, "larger"), "left", drawing)
+    outside = int(drawing.sum()) - int(drawing[8:72, 6:50].sum())
+    assert outside > 0
+
+    _, result = reconstruct_segment(node, left_id, prior=quick_prior, show_3d=False)
+
+    assert result.warnings == [f"left: {outside} drawn voxel(s) lie outside the reference geometry and were not used"]
+
+
+def test_undo_takes_back_show_3d_too(scene, quick_prior, blob_geometry):
+    left, right = two_blobs(blob_geometry)
+    volume = add_volume(scene, blob_geometry)
+    node = add_segmentation(scene, volume)
+    ids = [draw(node, volume, "left", sparse_planes(left, 0, 6, 2)), draw(node, volume, "right", right)]
+    display = node.GetDisplayNode()
+    display.SetVisibility3D(False)  # the user had hidden the segmentation in 3-D
+    display.SetSegmentVisibility3D(ids[0], False)
+    segmentation = node.GetSegmentation()
+
+    def state():
+        return (segmentation.ContainsRepresentation("Closed surface"),
+                [segmentation.GetSegment(i).GetRepresentation("Closed surface") is not None for i in ids],
+                bool(display.GetVisibility3D()), bool(display.GetSegmentVisibility3D(ids[0])))
+
+    before = state()
+    for output in ("new_segment", "replace"):
+        _, result = reconstruct_segment(node, ids[0], prior=quick_prior, output=output, show_3d=True)
+        assert state() == (True, [True, True], True, output == "replace")  # a replaced segment is shown
+        result.undo()
+        assert state() == before == (False, [False, False], False, False)
+
+
+def test_a_failure_with_scene_undo_on_leaves_no_undo_step(scene, quick_prior, blob_geometry, monkeypatch):
+    from MetaShapeReconLib import slicer_logic
+
+    node, volume, left_id = draw_left_blob(scene, blob_geometry)
+    scene.SetUndoOn()
+    before = snapshot(scene)
+    levels, undoable = scene.GetNumberOfUndoLevels(), node.GetUndoEnabled()
+
+    def disk_full(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(slicer_logic, "_new_segment", disk_full)
+    with pytest.raises(RuntimeError, match="disk full"):
+        reconstruct_segment(node, left_id, prior=quick_prior)
+
+    assert snapshot(scene) == before
+    assert (scene.GetNumberOfUndoLevels(), scene.GetNumberOfRedoLevels(), node.GetUndoEnabled()) == (levels, 0, undoable)

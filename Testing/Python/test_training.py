@@ -455,11 +455,13 @@ def test_export_keeps_the_context_sampling_the_prior_was_trained_with(tmp_path):
     path = train_maml(config, str(tmp_path / "run"), shapes=shapes_from_family(4))
     from training.export import export_prior
 
-    other = small_config(**{"adaptation.context_sampling": "uniform"})  # a config that disagrees
+    other = small_config(**{"adaptation.context_sampling": "uniform",  # a config that disagrees
+                            "adaptation.auto.lr": 3e-5})  # and a tuned Adam step, which the card takes
     with open(export_prior(other, path, "exported", None, str(tmp_path / "priors"))) as handle:
         card = json.load(handle)
     assert card["meta_training"]["context_sampling"] == "balanced"
     assert card["adaptation"]["context_sampling"] == "balanced"
+    assert card["adaptation"]["auto"] == {"optimizer": "adam", "lr": 3e-5, "patience": 10, "max_steps": 1000}
 
 
 @pytest.mark.slow
