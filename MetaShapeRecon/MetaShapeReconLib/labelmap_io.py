@@ -55,9 +55,56 @@ def _nifti_data_end(head: bytes) -> Optional[int]:
     return max(offset, header) + int(np.prod(dims[1:dims[0] + 1], dtype=np.float64)) * bitpix // 8
 
 
+METAIMAGE_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+                   "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+def _check_metaimage(path: str) -> None:
+    """Raise InputError when a MetaImage header ends before it names its data, or its voxel data
+    is shorter than it says (not checked: a list of data files, a type not listed)."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+    fields, header_bytes = {}, None
+    for line in head.split(b"\n"):
+        name, separator, value = line.decode("latin-1").partition("=")
+        if not separator:  # a blank or stray line
+            continue
+        fields[name.strip()] = value.strip()
+        if name.strip() == "ElementDataFile":
+            header_bytes = head.index(line) + len(line) + 1
+            break
+    data = fields.get("ElementDataFile")
+    if data is None and len(head) < 1 << 16:
+        raise InputError(f"{path} is truncated or corrupt (its header ends before it names the voxel data)")
+    try:
+        voxels = int(np.prod([int(v) for v in fields["DimSize"].split()], dtype=np.float64))
+        needed = voxels * int(fields.get("ElementNumberOfChannels", "1")) * METAIMAGE_BYTES[fields["ElementType"]]
+    except (KeyError, ValueError):
+        return
+    if fields.get("CompressedData", "False").lower() == "true":
+        if "CompressedDataSize" not in fields or not fields["CompressedDataSize"].isdigit():
+            return
+        needed = int(fields["CompressedDataSize"])
+    if data == "LOCAL" and header_bytes is not None:
+        there = os.path.getsize(path) - header_bytes
+    elif data and data.upper() != "LIST" and " " not in data and "%" not in data:
+        data_path = os.path.join(os.path.dirname(os.path.abspath(path)), data)
+        if not os.path.isfile(data_path):
+            return  # said by _metaimage_reason
+        there = os.path.getsize(data_path)
+    else:
+        return
+    if there < needed:
+        raise InputError(f"{path} is truncated or corrupt ({there} bytes of voxel data of the {needed} its header says)")
+
+
 def _check_complete(path: str) -> None:
-    """Raise InputError when a NIfTI file holds less data than its header says, or a gzip stream
-    ends early: ITK would fill the rest with zeros. Reads a .gz to its end (cheap for labelmaps)."""
+    """Raise InputError when a NIfTI or MetaImage file holds less data than its header says, or a
+    gzip stream ends early: ITK would fill the rest with zeros (NIfTI) or print its own complaint
+    (MetaImage). Reads a .gz to its end (cheap for labelmaps)."""
+    if _suffix(path) in (".mha", ".mhd"):
+        _check_metaimage(path)
+        return
     if _suffix(path) not in (".nii", ".nii.gz"):
         return
     with open(path, "rb") as handle:

@@ -227,23 +227,26 @@ def _truncated(tmp_path, suffix):
     geometry = oblique_geometry((20, 18, 16))
     labels = np.zeros(geometry.size, np.uint8)
     labels[5:15, 4:14, 3:13] = 1
-    path = str(tmp_path / ("case" + suffix))
-    if suffix == ".nii":  # uncompressed: cut the voxel data
+    path = str(tmp_path / ("case" + suffix.replace("-raw", "")))
+    if suffix in (".nii", ".mha-raw", ".mhd-raw"):  # uncompressed: cut the voxel data
         sitk.WriteImage(labelmap_image(labels, geometry), path)
+        if suffix == ".mhd-raw":
+            path = str(tmp_path / "case.raw")
     else:
         write_labelmap(path, labels, geometry)
     size = os.path.getsize(path)
     with open(path, "r+b") as handle:
         handle.truncate(size * 2 // 3 if suffix != ".nii.gz" else size - 20)
-    return path
+    return str(tmp_path / "case.mhd") if suffix == ".mhd-raw" else path
 
 
-@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".mha"])
-def test_a_truncated_file_is_refused_not_read_as_zeros(tmp_path, suffix):
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".mha", ".mha-raw", ".mhd-raw"])
+def test_a_truncated_file_is_refused_not_read_as_zeros(tmp_path, suffix, capfd):
     path = _truncated(tmp_path, suffix)
     with pytest.raises(InputError, match="is truncated or corrupt") as error:
         read_labelmap(path)
     assert "\n" not in str(error.value) and "No such file" not in str(error.value)
+    assert capfd.readouterr().err == ""  # nor does ITK print its own complaint
 
 
 def test_a_header_whose_data_file_is_missing_says_so(tmp_path):
