@@ -105,9 +105,9 @@ def run_reconstruct(args) -> dict:
         atomic_output,
         check_storable,
         check_writable,
+        error_reason,
         read_files,
         read_labelmap,
-        write_error,
         write_labelmap,
     )
     from .pipeline import reconstruct, resolve_device
@@ -175,7 +175,7 @@ def run_reconstruct(args) -> dict:
                 with open(report_path, "w") as handle:
                     json.dump(report, handle, indent=2)
     except (OSError, RuntimeError) as error:  # a full disk, a file system's limits: nothing has landed
-        raise InputError(f"could not write the outputs ({write_error(error)}); none was written") from None
+        raise InputError(f"could not write the outputs ({error_reason(error)}); none was written") from None
     return report
 
 

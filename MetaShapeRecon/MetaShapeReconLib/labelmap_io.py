@@ -202,8 +202,8 @@ def read_labelmap(path: str) -> Tuple[np.ndarray, Geometry]:
     except RuntimeError as error:
         if "MetaImageIO" in str(error) and _suffix(path) in (".mha", ".mhd"):
             raise InputError(_metaimage_reason(path)) from None
-        raise InputError(f"cannot read {path} as an image ({write_error(error) if str(error).strip() else 'unknown format'})"
-                         ) from None
+        reason = error_reason(error) if str(error).strip() else "unknown format"
+        raise InputError(f"cannot read {path} as an image ({reason})") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
                          "a labelmap has one (export a single-layer labelmap)")
@@ -315,10 +315,10 @@ def write_labelmap(path: str, labels: np.ndarray, geometry: Geometry, atomic: bo
         with atomic_output(path) as temporary:
             write_labelmap(temporary, labels, geometry, atomic=False)
     except (OSError, RuntimeError) as error:
-        raise InputError(f"output {path} could not be written ({write_error(error)})") from None
+        raise InputError(f"output {path} could not be written ({error_reason(error)})") from None
 
 
-def write_error(error: BaseException) -> str:
+def error_reason(error: BaseException) -> str:
     """The reason in an error from reading or writing a file, in one line (ITK's own text has
     several: where it was thrown, then "ITK ERROR: Class(address): reason", sometimes matrices)."""
     if isinstance(error, OSError) and error.strerror:

@@ -7,7 +7,7 @@ import numpy as np
 
 from .errors import InputError
 from .geometry import Geometry
-from .labelmap_io import atomic_output, check_writable, write_error
+from .labelmap_io import atomic_output, check_writable, error_reason
 
 SURFACE_SUFFIXES = (".vtk", ".vtp", ".stl", ".ply", ".obj")
 
@@ -109,4 +109,4 @@ def write_surface(path: str, polydata, atomic: bool = True) -> None:
         with atomic_output(path) as temporary:
             write_surface(temporary, polydata, atomic=False)
     except OSError as error:
-        raise InputError(f"surface {path} could not be written ({write_error(error)})") from None
+        raise InputError(f"surface {path} could not be written ({error_reason(error)})") from None
