@@ -19,6 +19,7 @@ from MetaShapeReconLib.siren import reconstruction_loss
 from torch import nn
 
 from .data import TaskSampler
+from .files import read_json
 from .logs import CsvLog
 from .maml import average_gradients_across_processes, make_run_folder, resume_state, save_optimizer, start_run
 from .progress import progress_bar
@@ -103,9 +104,12 @@ def load_autodecoder(path: str, device="cpu") -> Tuple[AutoDecoder, dict]:
     from safetensors.torch import load_file
 
     stem = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
-    with open(stem + ".json") as handle:
-        card = json.load(handle)
-    a = card["architecture"]
+    card = read_json(stem + ".json", "auto-decoder card", "pass the .safetensors of a `train --method autodecoder` run")
+    a = card.get("architecture") if isinstance(card, dict) else None
+    if not isinstance(a, dict) or not {"latent_size", "hidden_features", "layers", "skip"} <= set(a):
+        kind = a.get("type") if isinstance(a, dict) else None
+        raise SystemExit(f"{path} is not an auto-decoder (its architecture: {kind or 'none'}): pass the "
+                         ".safetensors of a `train --method autodecoder` run")
     model = AutoDecoder(a["latent_size"], a["hidden_features"], a["layers"], a["skip"])
     tensors = load_file(stem + ".safetensors")
     model.load_state_dict({k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")})

@@ -85,6 +85,11 @@ def main(argv=None) -> int:
         return _run(args)
     except (InputError, OSError, yaml.YAMLError) as error:  # a missing or unreadable file: one line, no traceback
         raise SystemExit(f"python -m training {args.command}: {' '.join(str(error).split())}") from None
+    except KeyboardInterrupt:
+        hint = ("; `--resume` with the same --out continues from its last checkpoint"
+                if args.command == "train" else "")
+        print(f"python -m training {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 def _run(args) -> int:
@@ -150,8 +155,9 @@ def _check_run_folder(out: str, method: str, resume: bool) -> None:
         raise SystemExit(f"{out} already holds a training run: add --resume to continue it, or choose another --out")
     card_path = os.path.join(out, "checkpoint.json")
     if resume and os.path.isfile(card_path):
-        with open(card_path) as handle:
-            card = json.load(handle)
+        from .files import read_json
+
+        card = read_json(card_path, "checkpoint card", "restore it, or train into another --out")
         earlier = "autodecoder" if card.get("format") == "metashaperecon-autodecoder" \
             else card.get("training", {}).get("method")
         if earlier and earlier != method:

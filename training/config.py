@@ -184,7 +184,44 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         section, name = key.split(".")
         if config[section][name] < least:
             raise SystemExit(f"{key} {config[section][name]!r}: expected a count >= {least}")
+    check_values(config)
     return config
+
+
+PLANE_KINDS = ("parallel", "orthogonal", "two_orientations")  # TaskSampler.planes
+AXES = ("sagittal", "coronal", "axial", "i", "j", "k")
+
+
+def check_values(config: Dict[str, Any]) -> None:
+    """Values whose type is right but which no run could use, refused before any work (and
+    before a run folder is made)."""
+    extent = config["frame"]["extent_mm"]
+    if not all(_is_number(e) and e > 0 for e in (extent if isinstance(extent, list) else [extent])):
+        raise SystemExit(f"frame.extent_mm {extent!r}: expected a size in mm > 0 (or three)")
+    data = config["data"]
+    if not data["spacing_mm"] > 0 or data["margin_mm"] < 0:
+        raise SystemExit(f"data.spacing_mm {data['spacing_mm']!r} / data.margin_mm {data['margin_mm']!r}: expected "
+                         "a spacing > 0 and a margin >= 0")
+    split = data["split"]
+    if not (0 <= split["test"] < 1 and 0 <= split["val"] < 1 and split["test"] + split["val"] < 1):
+        raise SystemExit(f"data.split test {split['test']!r} and val {split['val']!r}: expected fractions of the "
+                         "cases in [0, 1) that leave some for training")
+    planes = config["tasks"]["planes"]
+    if not isinstance(planes, list) or not planes:
+        raise SystemExit(f"tasks.planes {planes!r}: expected a list of plane configurations, "
+                         'e.g. [{"weight": 1, "kind": "parallel", "axes": ["sagittal"], "steps": [8]}]')
+    for entry in planes:
+        if not isinstance(entry, dict) or entry.get("kind") not in PLANE_KINDS:
+            kind = entry.get("kind") if isinstance(entry, dict) else entry
+            raise SystemExit(f"tasks.planes: kind {kind!r}: expected one of {', '.join(PLANE_KINDS)}")
+        if not _is_number(entry.get("weight")) or entry["weight"] <= 0:
+            raise SystemExit(f"tasks.planes ({entry['kind']}): weight {entry.get('weight')!r}: expected a number > 0")
+        if entry["kind"] == "parallel":
+            axes, steps = entry.get("axes"), entry.get("steps")
+            if not isinstance(axes, list) or not axes or not all(a in AXES for a in axes):
+                raise SystemExit(f"tasks.planes (parallel): axes {axes!r}: expected a list of {', '.join(AXES)}")
+            if not isinstance(steps, list) or not steps or not all(_is_number(s) and s > 0 for s in steps):
+                raise SystemExit(f"tasks.planes (parallel): steps {steps!r}: expected a list of plane gaps in mm > 0")
 
 
 def check_config(config: Dict[str, Any], defaults: Dict[str, Any], prefix: str = "") -> None:
@@ -231,3 +268,19 @@ def _float_or_none(text: str) -> Optional[float]:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_prior_matches_config(prior, config: dict, prior_path: str, use: str) -> None:
+    """Refuse a prior that the config's network and frame could not have trained (`use`: what to
+    do with it, e.g. "export it", "resume it"): a card takes its settings from the config, and a
+    run continued in another frame would train on tasks drawn at another scale."""
+    architecture, model = prior.model.architecture(), config["model"]
+    for key in ("hidden_features", "linear_layers", "omega_0"):
+        if float(architecture.get(key, -1)) != float(model[key]):
+            raise SystemExit(f"{prior_path}: architecture {key} {architecture.get(key)} differs from the config's "
+                             f"model.{key} {model[key]}: {use} with the config it was trained with")
+    extent = config["frame"]["extent_mm"]
+    extent = [float(e) for e in (extent if isinstance(extent, (list, tuple)) else [extent] * 3)]
+    if [float(e) for e in prior.frame_spec.extent_mm] != extent:
+        raise SystemExit(f"{prior_path}: frame extent_mm {list(prior.frame_spec.extent_mm)} differs from the config's "
+                         f"frame.extent_mm {config['frame']['extent_mm']}: {use} with the config it was trained with")

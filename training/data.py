@@ -5,7 +5,6 @@ adapts to at reconstruction time (the engine's `centre_frame` and `observed_cont
 is points over the whole frame, enriched near the foreground and the boundary.
 """
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -17,6 +16,8 @@ from MetaShapeReconLib.geometry import Geometry
 from MetaShapeReconLib.pipeline import observed_context
 from MetaShapeReconLib.planes import ObservedPlanes, planes_from_rules
 from scipy import ndimage
+
+from .files import read_json, read_split
 
 
 @dataclass
@@ -41,8 +42,7 @@ def load_index(cache: str) -> dict:
     path = os.path.join(cache, "shapes.json")
     if not os.path.isfile(path):
         raise SystemExit(f"{path} not found: run `python -m training prepare` first")
-    with open(path) as handle:
-        return json.load(handle)
+    return read_json(path, "cache index", "run `python -m training prepare` again")
 
 
 def load_split(config: dict) -> dict:
@@ -50,8 +50,7 @@ def load_split(config: dict) -> dict:
     path = data.get("split_file") or os.path.join(data["cache"], "split.json")
     if not os.path.isfile(path):
         raise SystemExit(f"split file {path} not found: run `python -m training prepare` first")
-    with open(path) as handle:
-        return json.load(handle)
+    return read_split(path)
 
 
 def load_shapes(cache: str, cases: Optional[Sequence[str]] = None, boundary_mm: float = 2.0,

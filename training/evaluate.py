@@ -631,6 +631,8 @@ def _write_results(temporary: Dict[str, str], rows: List[dict], transfer_rows: L
     with open(temporary["results.md"], "w") as handle:
         handle.write("\n".join(lines))
     summary.update(test_shapes=len(shapes), evaluated=time.strftime("%Y-%m-%d"))
+    if "maml" in methods:  # which prior these are the results of (export checks it)
+        summary["prior"] = {"name": methods["maml"].name, "weights_sha256": methods["maml"].card.get("weights_sha256")}
     with open(temporary["summary.json"], "w") as handle:
         json.dump(summary, handle, indent=2)
     print("\n".join(lines))

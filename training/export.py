@@ -5,36 +5,24 @@ settings, what it was trained on (with licence and attribution), its split, its 
 its measured results.
 """
 
-import json
 import os
 from typing import Optional
 
 from MetaShapeReconLib.prior import load_prior, save_prior
 
+from .config import check_prior_matches_config
 from .data import load_split
+from .files import read_json
 from .maml import card_meta_steps, meta_training_settings
-
-
-def check_prior_matches_config(prior, config: dict, prior_path: str) -> None:
-    """The card takes its data, split and reconstruction settings from the config: refuse a prior
-    that the config's network and frame could not have trained."""
-    architecture, model = prior.model.architecture(), config["model"]
-    for key in ("hidden_features", "linear_layers", "omega_0"):
-        if float(architecture.get(key, -1)) != float(model[key]):
-            raise SystemExit(f"{prior_path}: architecture {key} {architecture.get(key)} differs from the config's "
-                             f"model.{key} {model[key]}: export it with the config it was trained with")
-    extent = config["frame"]["extent_mm"]
-    extent = [float(e) for e in (extent if isinstance(extent, (list, tuple)) else [extent] * 3)]
-    if [float(e) for e in prior.frame_spec.extent_mm] != extent:
-        raise SystemExit(f"{prior_path}: frame extent_mm {list(prior.frame_spec.extent_mm)} differs from the config's "
-                         f"frame.extent_mm {config['frame']['extent_mm']}: export it with the config it was trained with")
 
 
 def export_prior(config: dict, prior_path: str, name: str, results_dir: Optional[str] = None,
                  out_dir: str = "Resources/Priors") -> str:
+    if not name or name != os.path.basename(name) or name.startswith("."):
+        raise SystemExit(f"--name {name!r}: expected a plain file name such as kidney (the files go into --out)")
     prior = load_prior(prior_path)
     card = prior.card
-    check_prior_matches_config(prior, config, prior_path)
+    check_prior_matches_config(prior, config, prior_path, "export it")
     method = card.get("training", {}).get("method")
     if method != "maml":  # a B.(ii) network has no learned step sizes: the card's steps would lie
         raise SystemExit(f"{prior_path}: training.method is {method!r}; only meta-learned priors (maml) are exported")
@@ -92,7 +80,11 @@ def export_prior(config: dict, prior_path: str, name: str, results_dir: Optional
     if config.get("training_note"):
         training["note"] = config["training_note"]
     if summary:
-        with open(summary) as handle:
-            card["results"] = json.load(handle)
+        card["results"] = read_json(summary, "evaluation summary", "run `python -m training evaluate` again")
+        evaluated = (card["results"].get("prior") or {}).get("weights_sha256")
+        if evaluated and evaluated != card.get("weights_sha256"):
+            raise SystemExit(f"--results {results_dir}: an evaluation of another prior "
+                             f"({card['results']['prior'].get('name')!r}, other weights than {prior_path}); "
+                             "evaluate this prior and export it with that evaluation")
     os.makedirs(out_dir, exist_ok=True)
     return save_prior(prior, os.path.join(out_dir, name))

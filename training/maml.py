@@ -16,7 +16,9 @@ from MetaShapeReconLib.pipeline import precision_name, resolve_precision
 from MetaShapeReconLib.prior import DEFAULT_ADAPTATION, Prior, initial_prior, load_prior, save_prior
 from MetaShapeReconLib.siren import logits, reconstruction_loss
 
+from .config import check_prior_matches_config
 from .data import Shape, TaskSampler, load_shapes, load_split
+from .files import read_json
 from .logs import CsvLog
 from .progress import progress_bar
 from .validate import validate
@@ -122,13 +124,15 @@ def resume_state(checkpoint: str, optimizer: torch.optim.Optimizer) -> Tuple[int
     """(iteration, optimiser metadata) of a checkpoint: the iteration the weights' card records,
     which the optimiser state, written after them, may trail by one checkpoint if a run was killed
     in between (its Adam moments are then a little older: harmless); no optimiser file: a fresh one."""
-    import json
 
-    with open(checkpoint + ".json") as handle:
-        card = json.load(handle)
+    card = read_json(checkpoint + ".json", "checkpoint card", "restore it, or train into another --out")
     state = {}
     if os.path.isfile(checkpoint + ".optimizer.safetensors"):
-        state = load_optimizer(optimizer, checkpoint + ".optimizer.safetensors")
+        try:
+            state = load_optimizer(optimizer, checkpoint + ".optimizer.safetensors")
+        except Exception as error:  # safetensors' own error types, a shape from another run
+            raise SystemExit(f"optimiser state {checkpoint}.optimizer.safetensors is damaged ({error}): delete it "
+                             "to resume with fresh Adam moments") from None
     iteration = int(card.get("training", {}).get("iterations", state.get("iteration", 0)))
     return iteration, state
 
@@ -293,13 +297,16 @@ def train_maml(config: dict, out_dir: str, resume: bool = False, shapes: Optiona
     checkpoint = os.path.join(out_dir, "checkpoint")
     start = 0
     if resume and os.path.isfile(checkpoint + ".safetensors"):
-        learner = MetaLearner(load_prior(checkpoint + ".safetensors"), config, device)
+        earlier = load_prior(checkpoint + ".safetensors")
+        check_prior_matches_config(earlier, config, checkpoint + ".safetensors", "resume it")
+        learner = MetaLearner(earlier, config, device)
         start, state = resume_state(checkpoint, learner.optimizer)
         best_dice = best_so_far(out_dir, float(state.get("best_dice", -1)))
         elapsed = float(learner.card.get("training", {}).get("seconds", state.get("seconds", 0)))
     else:  # a new run: from scratch, or continuing an earlier prior (e.g. with a smaller outer step)
         if maml.get("init"):
             initial = load_prior(maml["init"])
+            check_prior_matches_config(initial, config, maml["init"], "continue it")
             earlier = dict(initial.card.get("training", {}))
             initial.card["training"] = {"initialised_from": dict(earlier, path=maml["init"])}
             initial.card["adaptation"] = dict(initial.card.get("adaptation", {}), **card_adaptation(config))

@@ -8,12 +8,14 @@ bit-packed arrays, one file per shape, with an index (`shapes.json`).
 import glob
 import json
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 from MetaShapeReconLib.resample import centred_grid, resample_smooth
 
+from .files import read_split
 from .progress import progress_bar
 
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -24,7 +26,7 @@ RESAMPLING = "signed-distance-2"
 # --- dataset layouts -> list of (case id, label file, [(shape name, label values or None)]) ---------
 
 def _kits19(root: str, labels) -> List[Tuple[str, str, Optional[dict]]]:
-    files = sorted(glob.glob(os.path.join(root, "case_*", "segmentation.nii.gz")))
+    files = sorted(glob.glob(os.path.join(glob.escape(root), "case_*", "segmentation.nii.gz")))
     return [(os.path.basename(os.path.dirname(f)), f, None) for f in files]
 
 
@@ -32,13 +34,13 @@ def _msd(root: str, labels) -> List[Tuple[str, str, Optional[dict]]]:
     folder = os.path.join(root, "labelsTr")
     if not os.path.isfile(os.path.join(root, "dataset.json")):
         raise SystemExit(f"{root}: not an MSD task folder (no dataset.json)")
-    files = sorted(f for f in glob.glob(os.path.join(folder, "*.nii.gz")) if not os.path.basename(f).startswith("."))
+    files = sorted(f for f in glob.glob(os.path.join(glob.escape(folder), "*.nii.gz")) if not os.path.basename(f).startswith("."))
     return [(os.path.basename(f)[:-7], f, None) for f in files]
 
 
 def _folder(root: str, labels) -> List[Tuple[str, str, Optional[dict]]]:
     cases = []
-    for path in sorted(glob.glob(os.path.join(root, "*"))):
+    for path in sorted(glob.glob(os.path.join(glob.escape(root), "*"))):
         name = os.path.basename(path)
         for suffix in LABEL_SUFFIXES:
             if name.endswith(suffix):
@@ -49,9 +51,9 @@ def _folder(root: str, labels) -> List[Tuple[str, str, Optional[dict]]]:
 def _verse(root: str, labels) -> List[Tuple[str, str, Optional[dict]]]:
     """VerSe: `*_msk.nii.gz` label files with `*_ctd.json` centroids; one shape per vertebra."""
     cases = []
-    for mask in sorted(glob.glob(os.path.join(root, "**", "*_msk.nii.gz"), recursive=True)):
+    for mask in sorted(glob.glob(os.path.join(glob.escape(root), "**", "*_msk.nii.gz"), recursive=True)):
         stem = os.path.basename(mask).split("_seg-")[0]
-        found = glob.glob(os.path.join(os.path.dirname(mask), stem + "*_ctd.json"))
+        found = glob.glob(os.path.join(glob.escape(os.path.dirname(mask)), glob.escape(stem) + "*_ctd.json"))
         if not found:
             continue
         with open(found[0]) as handle:
@@ -84,6 +86,9 @@ def shapes_of_case(case: str, path: str, extra: Optional[dict], data: dict, fram
     import SimpleITK as sitk
 
     image = sitk.ReadImage(path)
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"a {image.GetDimension()}-D image of {image.GetNumberOfComponentsPerPixel()} component(s) "
+                         "per voxel, not a 3-D labelmap")
     array = sitk.GetArrayViewFromImage(image)
     targets: List[Tuple[str, np.ndarray]] = []
     if extra and "vertebrae" in extra:
@@ -130,16 +135,22 @@ def shapes_of_case(case: str, path: str, extra: Optional[dict], data: dict, fram
 
 
 def _prepare_one(job):
+    """(case, its shapes written to the cache), or (case, None, why) for a file that is no labelmap."""
     case, path, extra, data, extent, cache = job
     written = []
-    for shape in shapes_of_case(case, path, extra, data, extent):
+    try:
+        shapes = shapes_of_case(case, path, extra, data, extent)
+    except (RuntimeError, ValueError) as error:  # ITK's reading errors; not a 3-D labelmap
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return case, None, next((line for line in lines if "ITK ERROR" in line), lines[-1] if lines else repr(error))
+    for shape in shapes:
         mask = shape.pop("mask")
         file = os.path.join(cache, shape["name"] + ".npz")
         np.savez_compressed(file, packed=np.packbits(mask.ravel()), shape=np.array(mask.shape))
         shape["file"] = os.path.basename(file)
         shape["voxels"] = int(mask.sum())
         written.append(shape)
-    return case, written
+    return case, written, None
 
 
 # --- splits --------------------------------------------------------------------------------------
@@ -197,38 +208,61 @@ def prepare(config: dict, workers: int = 2) -> dict:
     os.makedirs(cache, exist_ok=True)
     index_path = os.path.join(cache, "shapes.json")
     done: Dict[str, List[dict]] = {}
-    if os.path.isfile(index_path):  # resume: keep what an earlier run finished
-        with open(index_path) as handle:
-            previous = json.load(handle)
-        if (previous.get("frame_extent_mm") == list(extent) and previous.get("spacing_mm") == data["spacing_mm"]
-                and previous.get("resampling") == RESAMPLING):
+    settings = crop_settings(data, extent)
+    if os.path.isfile(index_path):  # resume: keep what an earlier run finished with the same settings
+        try:
+            with open(index_path) as handle:
+                previous = json.load(handle)
+        except ValueError:  # a damaged index: prepare every case again
+            previous = {}
+        changed = [f"{key} {previous.get(key)!r} -> {value!r}" for key, value in settings.items()
+                   if previous.get(key) != value]
+        if not changed:
             for shape in previous["shapes"]:
                 done.setdefault(shape["case"], []).append(shape)
+        elif previous.get("shapes"):
+            print(f"prepare: the cache {cache} was made with other settings ({'; '.join(changed)}): "
+                  "preparing every case again", file=sys.stderr)
     jobs = [(case, path, extra, data, extent, cache) for case, path, extra in cases if case not in done]
+    paths = {case: path for case, path, _ in cases}
     bar = progress_bar(total=len(cases), initial=len(cases) - len(jobs), desc="prepare", unit="case")
 
     def save_index():
         shapes = [s for case, _, _ in cases for s in done.get(case, [])]
         with open(index_path + ".tmp", "w") as handle:
-            json.dump({"frame_extent_mm": list(extent), "spacing_mm": data["spacing_mm"], "resampling": RESAMPLING,
-                       "margin_mm": data["margin_mm"], "layout": data["layout"], "root": data["root"],
-                       # every case prepared, those without a structure too (the split names them);
-                       # max_cases: a deliberate subset, which training takes without asking for the rest
-                       "cases": [case for case, _, _ in cases if case in done],
-                       "max_cases": int(data.get("max_cases") or 0), "shapes": shapes}, handle, indent=1)
+            json.dump(dict(settings, layout=data["layout"], root=data["root"],
+                           # every case prepared, those without a structure too (the split names them);
+                           # max_cases: a deliberate subset, which training takes without asking for the rest
+                           cases=[case for case, _, _ in cases if case in done],
+                           max_cases=int(data.get("max_cases") or 0), shapes=shapes), handle, indent=1)
         os.replace(index_path + ".tmp", index_path)
 
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        for count, (case, shapes) in enumerate(pool.map(_prepare_one, jobs), 1):
+    pool = ProcessPoolExecutor(max_workers=max(1, workers))
+    try:
+        for case, shapes, problem in pool.map(_prepare_one, jobs):
+            if problem is not None:
+                raise SystemExit(f"prepare: {paths[case]}: cannot prepare it ({problem}); fix or remove the file "
+                                 f"and run prepare again ({len(done)} case(s) done are kept)")
             done[case] = shapes
             bar.update(1)
-            if count % 10 == 0:
-                save_index()
-    bar.close()
+            save_index()  # after every case: an interrupted run loses none
+    except KeyboardInterrupt:
+        raise SystemExit(f"prepare: interrupted after {len(done)} of {len(cases)} case(s); run it again to "
+                         "continue") from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        bar.close()
     save_index()
 
     shapes = [s for case, _, _ in cases for s in done.get(case, [])]
     return _write_split(config, cases, index_path, shapes)
+
+
+def crop_settings(data: dict, extent) -> dict:
+    """What the cached crops depend on: a cache made with other values is prepared again."""
+    return {"frame_extent_mm": list(extent), "spacing_mm": data["spacing_mm"], "resampling": RESAMPLING,
+            "margin_mm": data["margin_mm"], "labels": data.get("labels"), "components": data["components"],
+            "min_component_fraction": data["min_component_fraction"]}
 
 
 def _write_split(config: dict, cases, index_path: str, shapes: List[dict]) -> dict:
@@ -236,8 +270,7 @@ def _write_split(config: dict, cases, index_path: str, shapes: List[dict]) -> di
     split_file = data.get("split_file") or os.path.join(data["cache"], "split.json")
     case_ids = [case for case, _, _ in cases]
     if os.path.isfile(split_file):
-        with open(split_file) as handle:
-            split = json.load(handle)
+        split = read_split(split_file)
         missing = set(case_ids) - set(split["train"]) - set(split["val"]) - set(split["test"])
         if missing:
             raise SystemExit(f"{split_file} does not assign {len(missing)} case(s), e.g. {sorted(missing)[:3]}")

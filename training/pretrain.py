@@ -14,6 +14,7 @@ import torch
 from MetaShapeReconLib.prior import load_prior, save_prior
 from MetaShapeReconLib.siren import logits, reconstruction_loss
 
+from .config import check_prior_matches_config
 from .data import TaskSampler
 from .logs import CsvLog
 from .maml import average_gradients_across_processes, make_run_folder, new_prior, resume_state, save_optimizer, start_run
@@ -27,6 +28,8 @@ def train_pretrain(config: dict, out_dir: str, resume: bool = False, shapes=None
     checkpoint = os.path.join(out_dir, "checkpoint")
     resuming = resume and os.path.isfile(checkpoint + ".safetensors")
     prior = load_prior(checkpoint + ".safetensors") if resuming else new_prior(config)
+    if resuming:
+        check_prior_matches_config(prior, config, checkpoint + ".safetensors", "resume it")
     model = prior.model.to(device)
     params = {k: v.detach().clone().to(device).requires_grad_(True) for k, v in prior.params.items()}
     optimizer = torch.optim.Adam(params.values(), lr=float(settings["lr"]))

@@ -13,6 +13,8 @@ import numpy as np
 from MetaShapeReconLib.geometry import Geometry
 from MetaShapeReconLib.labelmap_io import read_labelmap, write_labelmap
 
+from .files import read_split
+
 LICENSE = """Sample derived from the KiTS19 challenge data (case {case}, {component} kidney,
 kidney + tumour labels merged), cropped; sparse.nii.gz keeps sagittal planes {rule}.
 
@@ -36,9 +38,8 @@ def main(argv=None):
     parser.add_argument("--margin-mm", type=float, default=12.0)
     parser.add_argument("--plane-mm", type=float, default=8.0)
     args = parser.parse_args(argv)
-    with open(args.split) as handle:
-        if args.case not in json.load(handle)["test"]:
-            raise SystemExit(f"{args.case} is not in the test split {args.split}")
+    if args.case not in read_split(args.split)["test"]:
+        raise SystemExit(f"{args.case} is not in the test split {args.split}")
     from scipy import ndimage
 
     labels, geometry = read_labelmap(os.path.join(args.data, args.case, "segmentation.nii.gz"))

@@ -114,3 +114,60 @@ def test_a_wrong_data_root_says_so(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="not an MSD task folder"):
         run_prepare(tmp_path, "msd", tmp_path / "empty")
+
+
+def three_labels(root):
+    root.mkdir()
+    for name in ("a", "b", "c"):
+        sitk.WriteImage(ellipsoids((30, 30, 30), (0.9, 0.9, 0.9), [(15, 15, 15)], [(8, 8, 8)], [1]),
+                        str(root / f"{name}.nii.gz"))
+
+
+def test_a_cache_made_with_other_crop_settings_is_prepared_again(tmp_path, capsys):
+    root = tmp_path / "my labels[1]"  # a folder name, not a glob pattern
+    three_labels(root)
+    _, _, shapes = run_prepare(tmp_path, "folder", root)
+    assert shapes["a_c1"].mask.shape == (56, 56, 56)  # 48 + 2 x 4 mm
+    assert "other settings" not in capsys.readouterr().err
+    _, _, shapes = run_prepare(tmp_path, "folder", root, "data.margin_mm=8")
+    assert "the cache" in capsys.readouterr().err
+    assert shapes["a_c1"].mask.shape == (64, 64, 64)
+    index = json.loads((tmp_path / "cache" / "shapes.json").read_text())
+    assert index["margin_mm"] == 8 and index["components"] == 1 and index["labels"] is None
+
+
+def test_a_file_that_is_no_3d_labelmap_stops_prepare_in_one_line_keeping_what_was_done(tmp_path):
+    root = tmp_path / "labels"
+    three_labels(root)
+    sitk.WriteImage(sitk.Image(20, 20, sitk.sitkUInt8), str(root / "d.nii.gz"))  # 2-D
+    with pytest.raises(SystemExit, match=r"d\.nii\.gz: cannot prepare it \(a 2-D image .*3 case\(s\) done are kept"):
+        run_prepare(tmp_path, "folder", root)
+    index = json.loads((tmp_path / "cache" / "shapes.json").read_text())
+    assert index["cases"] == ["a", "b", "c"]
+    (root / "d.nii.gz").write_text("not an image")
+    with pytest.raises(SystemExit, match=r"d\.nii\.gz: cannot prepare it") as caught:
+        run_prepare(tmp_path, "folder", root)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_damaged_split_file_is_named_in_one_line(tmp_path):
+    root = tmp_path / "labels"
+    three_labels(root)
+    split = tmp_path / "split.json"
+    for content, phrase in (('{"train": ["a"], "te', "is damaged"), ('{"train": ["a"], "test": ["b"]}', "has no list of val")):
+        split.write_text(content)
+        with pytest.raises(SystemExit, match=f"split file .*split.json {phrase}"):
+            run_prepare(tmp_path, "folder", root, f"data.split_file={split}")
+
+
+@pytest.mark.parametrize("override,phrase", [
+    ("data.split.test=1.5", "expected fractions"),
+    ("frame.extent_mm=-8", "expected a size in mm > 0"),
+    ("data.margin_mm=-100", "a margin >= 0"),
+    ('tasks.planes=[{"weight": 1, "kind": "paralel"}]', "kind 'paralel'"),
+    ('tasks.planes=[{"weight": 1, "kind": "parallel", "axes": ["sideways"], "steps": [8]}]', "axes"),
+    ("tasks.planes=foo", "expected a list of plane configurations"),
+])
+def test_values_no_run_could_use_are_refused_when_the_config_loads(override, phrase):
+    with pytest.raises(SystemExit, match=phrase):
+        load_config(None, [override])

@@ -464,6 +464,40 @@ def test_export_keeps_the_context_sampling_the_prior_was_trained_with(tmp_path):
     assert card["adaptation"]["auto"] == {"optimizer": "adam", "lr": 3e-5, "patience": 10, "max_steps": 1000}
 
 
+def test_a_run_continues_only_with_the_network_and_frame_it_was_trained_with(tmp_path):
+    config = small_config(**{"maml.iterations": 1})
+    shapes = shapes_from_family(4)
+    path = train_maml(config, str(tmp_path / "run"), shapes=shapes)
+    wider = small_config(**{"maml.iterations": 2, "frame.extent_mm": 64})
+    with pytest.raises(SystemExit, match=r"frame extent_mm \[48.0, 48.0, 48.0\] differs .*: resume it with the config"):
+        train_maml(wider, str(tmp_path / "run"), resume=True, shapes=shapes)
+    with pytest.raises(SystemExit, match="architecture hidden_features 128 differs .*: continue it with the config"):
+        train_maml(small_config(**{"model.hidden_features": 64, "maml.init": path}), str(tmp_path / "other"),
+                   shapes=shapes)
+    assert not os.path.exists(tmp_path / "other")
+
+
+def test_export_refuses_another_priors_evaluation_and_a_name_that_is_a_path(tmp_path):
+    from training.export import export_prior
+
+    config = small_config(**{"maml.iterations": 1})
+    path = train_maml(config, str(tmp_path / "run"), shapes=shapes_from_family(4))
+    results = tmp_path / "evaluation"
+    results.mkdir()
+    (results / "summary.json").write_text(json.dumps({"default_steps": 5, "settings": {},
+                                                      "prior": {"name": "kidney", "weights_sha256": "0" * 64}}))
+    with pytest.raises(SystemExit, match="an evaluation of another prior \\('kidney'"):
+        export_prior(config, path, "mine", str(results), str(tmp_path / "priors"))
+    for name in ("../escaped", "", ".hidden"):
+        with pytest.raises(SystemExit, match="expected a plain file name"):
+            export_prior(config, path, name, None, str(tmp_path / "priors"))
+    assert not os.path.exists(tmp_path / "priors") and not os.path.exists(tmp_path / "escaped.json")
+    from training.autodecoder import load_autodecoder
+
+    with pytest.raises(SystemExit, match="is not an auto-decoder"):
+        load_autodecoder(path)
+
+
 @pytest.mark.slow
 def test_smoke_run_every_method_on_real_kidneys(data_dir, tmp_path):
     """prepare -> train (maml, pretrain, autodecoder) -> evaluate -> export on three KiTS19 cases."""
