@@ -166,13 +166,19 @@ def _check_run_folder(out: str, method: str, resume: bool) -> None:
 
 
 def _leave_process_group() -> None:
-    """Under torchrun: wait for every process, then close the group. A process that exits with
-    the group open can abort in the communication threads' teardown (SIGABRT)."""
+    """Under torchrun: wait for every process, close the group, and end the process here. A
+    process that exits with the group open can abort in the communication threads' teardown
+    (SIGABRT); one that closed it still did, rarely, when Gloo's objects were destroyed at
+    interpreter shutdown ("terminate called without an active exception"), so it ends without
+    that shutdown: its files are closed and its output is flushed by then."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
