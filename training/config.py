@@ -202,6 +202,11 @@ def check_values(config: Dict[str, Any]) -> None:
     if not data["spacing_mm"] > 0 or data["margin_mm"] < 0:
         raise SystemExit(f"data.spacing_mm {data['spacing_mm']!r} / data.margin_mm {data['margin_mm']!r}: expected "
                          "a spacing > 0 and a margin >= 0")
+    labels = data.get("labels")
+    if labels is not None and (not isinstance(labels, list) or not labels
+                               or not all(isinstance(v, int) and not isinstance(v, bool) and v != 0 for v in labels)):
+        raise SystemExit(f"data.labels {labels!r}: expected a list of non-zero label values, e.g. [1, 2] "
+                         "(or null: every non-zero voxel)")
     split = data["split"]
     if not (0 <= split["test"] < 1 and 0 <= split["val"] < 1 and split["test"] + split["val"] < 1):
         raise SystemExit(f"data.split test {split['test']!r} and val {split['val']!r}: expected fractions of the "

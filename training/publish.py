@@ -74,6 +74,10 @@ def read_evaluation(spec: str) -> Tuple[str, str, dict, str]:
 def publish(results: List[str], out: str) -> str:
     # every input read and checked before anything is written: a bad one leaves `out` as it was
     evaluations = [read_evaluation(spec) for spec in results]
+    names = [name for name, _, _, _ in evaluations]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise SystemExit(f"--results names {twice[0]} twice: one evaluation folder per prior")
     path = os.path.join(out, "RESULTS.md")
     earlier_names, earlier_rows, earlier_sections = published(path)
     sections, headline, copies = {}, {}, {}

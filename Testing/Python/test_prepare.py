@@ -167,6 +167,7 @@ def test_a_damaged_split_file_is_named_in_one_line(tmp_path):
     ('tasks.planes=[{"weight": 1, "kind": "paralel"}]', "kind 'paralel'"),
     ('tasks.planes=[{"weight": 1, "kind": "parallel", "axes": ["sideways"], "steps": [8]}]', "axes"),
     ("tasks.planes=foo", "expected a list of plane configurations"),
+    ("data.labels=kidney", "expected a list of non-zero label values"),
 ])
 def test_values_no_run_could_use_are_refused_when_the_config_loads(override, phrase):
     with pytest.raises(SystemExit, match=phrase):

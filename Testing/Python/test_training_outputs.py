@@ -240,7 +240,8 @@ def test_publish_reads_every_input_before_it_writes(tmp_path):
     evaluation_folder(tmp_path / "second", 0.9)
     for specs, message in (([f"tiny={tmp_path / 'second'}", f"bad={tmp_path / 'nonexist'}"],
                             "--results bad=.*nonexist.*summary.json: No such file"),
-                           ([f"tiny={tmp_path / 'second'}", "tiny"], "--results 'tiny': expected NAME=FOLDER")):
+                           ([f"tiny={tmp_path / 'second'}", "tiny"], "--results 'tiny': expected NAME=FOLDER"),
+                           ([f"tiny={tmp_path / 'second'}", f"tiny={tmp_path / 'first'}"], "names tiny twice")):
         with pytest.raises(SystemExit, match=message) as refused:
             publish(specs, str(docs))
         assert "\n" not in str(refused.value)
