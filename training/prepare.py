@@ -215,14 +215,17 @@ def prepare(config: dict, workers: int = 2) -> dict:
                 previous = json.load(handle)
         except ValueError:  # a damaged index: prepare every case again
             previous = {}
-        changed = [f"{key} {previous.get(key)!r} -> {value!r}" for key, value in settings.items()
-                   if previous.get(key) != value]
-        if not changed:
+        previous = previous if isinstance(previous, dict) else {}
+        unknown = [key for key in settings if key not in previous]
+        changed = [f"{key} {previous[key]!r} -> {value!r}" for key, value in settings.items()
+                   if key in previous and previous[key] != value]
+        if not changed and not unknown:
             for shape in previous["shapes"]:
                 done.setdefault(shape["case"], []).append(shape)
         elif previous.get("shapes"):
-            print(f"prepare: the cache {cache} was made with other settings ({'; '.join(changed)}): "
-                  "preparing every case again", file=sys.stderr)
+            why = (f"with other settings ({'; '.join(changed)})" if changed else
+                   f"by an earlier version, which did not record {', '.join(unknown)}")
+            print(f"prepare: the cache {cache} was made {why}: preparing every case again", file=sys.stderr)
     jobs = [(case, path, extra, data, extent, cache) for case, path, extra in cases if case not in done]
     paths = {case: path for case, path, _ in cases}
     bar = progress_bar(total=len(cases), initial=len(cases) - len(jobs), desc="prepare", unit="case")

@@ -76,6 +76,8 @@ def _check_metaimage(path: str) -> None:
     data = fields.get("ElementDataFile")
     if data is None and len(head) < 1 << 16:
         raise InputError(f"{path} is truncated or corrupt (its header ends before it names the voxel data)")
+    if fields.get("BinaryData", "True").lower() == "false":  # voxels as text: no size to check
+        return
     try:
         voxels = int(np.prod([int(v) for v in fields["DimSize"].split()], dtype=np.float64))
         needed = voxels * int(fields.get("ElementNumberOfChannels", "1")) * METAIMAGE_BYTES[fields["ElementType"]]
@@ -143,10 +145,11 @@ def written_files(path: str) -> List[str]:
 
 
 def read_files(path: str) -> List[str]:
-    """The files that reading the image at `path` reads: `path` and, for a header (.mhd, .nhdr),
-    the one data file it names (none when the data is in the header, or in a list of files)."""
+    """The files that reading the image at `path` reads: `path` and, for a header (.mhd, .nhdr,
+    or an .mha that names another file), the one data file it names (none when the data is in the
+    header, or in a list of files)."""
     path = str(path)
-    key = {".mhd": "ElementDataFile", ".nhdr": "data file"}.get(_suffix(path))
+    key = {".mhd": "ElementDataFile", ".mha": "ElementDataFile", ".nhdr": "data file"}.get(_suffix(path))
     if key is None:
         return [path]
     try:

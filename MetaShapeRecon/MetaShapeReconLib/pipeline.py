@@ -24,7 +24,15 @@ from .errors import InputError
 from .frame import CanonicalFrame, centre_frame, fits_in_frame, observed_foreground_points
 from .geometry import Geometry
 from .occupancy import WithInterpolation, evaluate_grid
-from .planes import ObservedPlanes, describe_planes, finish_on_drawing, observed_mask, select_planes
+from .planes import (
+    ObservedPlanes,
+    describe_planes,
+    drop_unsupported_parts,
+    finish_on_drawing,
+    keep_drawn_planes,
+    observed_mask,
+    select_planes,
+)
 from .prior import Prior
 
 
@@ -355,7 +363,8 @@ def _finish_on_lattice(output: np.ndarray, mask: np.ndarray, planes: ObservedPla
     drawing's voxel `offset`: (Dice on the drawn planes, parts removed, voxels removed), in place.
     Both live in one box (drawing indices) that holds the output and the drawn structure, so a
     part inside the output is kept when what supports it was drawn just outside. On the planes,
-    voxels outside the drawing's grid were never seen: they keep the network's value."""
+    voxels outside the drawing's grid were never seen: they keep the network's value and support
+    nothing."""
     if tuple(offset) == (0, 0, 0) and output.shape == mask.shape:
         drawn_dice = _drawn_dice(output, mask, planes)
         return (drawn_dice,) + finish_on_drawing(output, mask, planes)
@@ -379,7 +388,9 @@ def _finish_on_lattice(output: np.ndarray, mask: np.ndarray, planes: ObservedPla
                                       for lo, hi, n in zip(low, high, mask.shape))]
     in_box = {axis: indices[(indices >= low[axis]) & (indices < high[axis])] - low[axis]
               for axis, indices in planes.items()}
-    removed = finish_on_drawing(result, truth, {a: i for a, i in in_box.items() if len(i)})
+    in_box = {a: i for a, i in in_box.items() if len(i)}
+    keep_drawn_planes(result, truth, in_box)
+    removed = drop_unsupported_parts(result, in_box, seen=where_drawing)
     output[...] = result[where_output]
     return (drawn_dice,) + removed
 

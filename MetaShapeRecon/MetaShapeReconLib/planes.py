@@ -174,10 +174,12 @@ def keep_drawn_planes(output: np.ndarray, drawn: np.ndarray, planes: ObservedPla
     return output
 
 
-def drop_unsupported_parts(output: np.ndarray, planes: ObservedPlanes) -> Tuple[int, int]:
+def drop_unsupported_parts(output: np.ndarray, planes: ObservedPlanes,
+                           seen: Optional[Tuple[slice, ...]] = None) -> Tuple[int, int]:
     """Remove the connected parts of `output` (26-connected) that touch no foreground voxel of the
     observed planes: nothing the user drew supports them. Call after `keep_drawn_planes`, so the
-    planes hold the drawing. In place; returns (parts removed, voxels removed)."""
+    planes hold the drawing. `seen`: the box where the planes were drawn (default: everywhere);
+    plane voxels outside it support nothing. In place; returns (parts removed, voxels removed)."""
     import SimpleITK as sitk
 
     foreground = [np.nonzero(output.any(axis=others))[0] for others in ((1, 2), (0, 2), (0, 1))]
@@ -186,8 +188,14 @@ def drop_unsupported_parts(output: np.ndarray, planes: ObservedPlanes) -> Tuple[
     box = tuple(slice(int(f[0]), int(f[-1]) + 1) for f in foreground)
     region = output[box]
     parts = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(region.astype(np.uint8)), True))
+    observed = observed_mask(output.shape, planes, box)
+    if seen is not None:
+        within = np.zeros_like(observed)
+        within[tuple(slice(max(s.start - b.start, 0), max(min(s.stop, b.stop) - b.start, 0))
+                     for s, b in zip(seen, box))] = True
+        observed &= within
     supported = np.zeros(int(parts.max()) + 1, dtype=bool)
-    supported[np.unique(parts[observed_mask(output.shape, planes, box) & (parts > 0)])] = True
+    supported[np.unique(parts[observed & (parts > 0)])] = True
     unsupported = (parts > 0) & ~supported[parts]
     count, voxels = int(parts.max()) - int(supported[1:].sum()), int(unsupported.sum())
     region[unsupported] = 0

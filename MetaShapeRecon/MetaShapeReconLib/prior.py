@@ -357,8 +357,8 @@ def load_prior(name_or_path: str = "kidney", device="cpu") -> Prior:
                              "is missing")
         for prefix in (WEIGHTS, INNER_LR, FIRST_STEP_LR):
             if prefix + name in stored and stored[prefix + name] != shape:
-                what = "does not match its architecture: " if prefix == WEIGHTS else ""
-                raise InputError(f"prior {tensor_path} {what}{prefix}{name} has shape {stored[prefix + name]}, "
+                what = " does not match its architecture:" if prefix == WEIGHTS else ":"
+                raise InputError(f"prior {tensor_path}{what} {prefix}{name} has shape {stored[prefix + name]}, "
                                  f"expected {shape}")
     first_names = [k for k in shapes if FIRST_STEP_LR + k in stored]
     if first_names and len(first_names) != len(shapes):

@@ -106,6 +106,21 @@ def test_writing_names_the_users_path_when_it_cannot_be_done(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_metaimage_voxels_as_text_or_in_a_file_of_their_own_are_read(tmp_path):
+    labels = np.zeros((4, 4, 4), np.int32)
+    labels[1:3, 1:3, 1:3] = 7
+    header = ("ObjectType = Image\nNDims = 3\nBinaryData = {}\nDimSize = 4 4 4\nElementSpacing = 1 1 1\n"
+              "ElementType = MET_INT\nElementDataFile = {}\n")
+    text = tmp_path / "text.mha"
+    text.write_text(header.format("False", "LOCAL") + " ".join(str(v) for v in labels.ravel()) + "\n")
+    np.testing.assert_array_equal(read_labelmap(str(text))[0], labels)
+    (tmp_path / "voxels.raw").write_bytes(labels.astype("<i4").tobytes())
+    outside = tmp_path / "outside.mha"  # an .mha may name a data file too
+    outside.write_text(header.format("True", "voxels.raw"))
+    np.testing.assert_array_equal(read_labelmap(str(outside))[0], labels)
+    assert read_files(str(outside)) == [str(outside), str(tmp_path / "voxels.raw")]
+
+
 def test_the_files_a_header_and_its_data_file_take(tmp_path):
     geometry = Geometry.create((4, 4, 4), (1.0, 1.0, 1.0))
     for name in ("a.mhd", "b.nhdr", "c.MHD", "d.nii.gz"):

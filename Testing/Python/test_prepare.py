@@ -134,6 +134,12 @@ def test_a_cache_made_with_other_crop_settings_is_prepared_again(tmp_path, capsy
     assert shapes["a_c1"].mask.shape == (64, 64, 64)
     index = json.loads((tmp_path / "cache" / "shapes.json").read_text())
     assert index["margin_mm"] == 8 and index["components"] == 1 and index["labels"] is None
+    del index["components"]  # as an earlier version wrote it
+    (tmp_path / "cache" / "shapes.json").write_text(json.dumps(index))
+    run_prepare(tmp_path, "folder", root, "data.margin_mm=8")
+    assert "by an earlier version, which did not record components" in capsys.readouterr().err
+    run_prepare(tmp_path, "folder", root, "data.margin_mm=8")
+    assert "preparing every case again" not in capsys.readouterr().err
 
 
 def test_a_file_that_is_no_3d_labelmap_stops_prepare_in_one_line_keeping_what_was_done(tmp_path):
