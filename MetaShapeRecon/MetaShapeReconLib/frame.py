@@ -7,6 +7,7 @@ exactly as it saw them while learning.
 """
 
 from dataclasses import dataclass
+from numbers import Real
 from typing import Mapping, Sequence, Tuple
 
 import numpy as np
@@ -28,13 +29,14 @@ class FrameSpec:
     @staticmethod
     def from_metadata(frame: Mapping) -> "FrameSpec":
         extent = frame["extent_mm"]
-        extent = tuple(float(e) for e in (extent if isinstance(extent, (list, tuple)) else [extent] * 3))
-        if len(extent) != 3 or not all(0 < e < float("inf") for e in extent):
+        extent = extent if isinstance(extent, (list, tuple)) else [extent] * 3
+        numbers = all(isinstance(e, Real) and not isinstance(e, bool) for e in extent)
+        if not numbers or len(extent) != 3 or not all(0 < e < float("inf") for e in extent):
             raise ValueError(f"frame extent_mm must be three positive numbers, got {frame['extent_mm']}")
         centre = frame.get("centre", CENTRE_OBSERVED_BOX)
         if centre != CENTRE_OBSERVED_BOX:
             raise ValueError(f"unknown frame centring {centre!r}")
-        return FrameSpec(extent, centre)
+        return FrameSpec(tuple(float(e) for e in extent), centre)
 
     def to_metadata(self) -> dict:
         return {"axes": "LPS", "units": "mm", "extent_mm": list(self.extent_mm), "centre": self.centre,

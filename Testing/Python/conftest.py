@@ -5,6 +5,7 @@ it are skipped with the reason when it is absent.
 """
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -28,6 +29,9 @@ def pytest_unconfigure(config):
     # vtkITK filters (slicer-core) can crash the interpreter at exit after the work succeeded;
     # leave with pytest's own status instead of running those destructors.
     if getattr(config, "_metashaperecon_exit", False) or "slicer" in sys.modules:
+        fitted = sys.modules.get("fitted")
+        if fitted is not None:  # its atexit clean-up would not run
+            shutil.rmtree(fitted._WORK, ignore_errors=True)
         sys.stdout.flush()
         sys.stderr.flush()
         status = getattr(config, "_exitstatus", None)

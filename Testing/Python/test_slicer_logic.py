@@ -424,8 +424,9 @@ def test_replace_keeps_every_other_segment_and_can_be_undone(scene, quick_prior,
     model = scene.GetNodeByID(result.model_node_ids[0])
     assert model is not None and model.GetPolyData().GetNumberOfPoints() > 0
 
+    models = list(result.model_node_ids)
     result.undo()
-    assert scene.GetNodeByID(result.model_node_ids[0] if result.model_node_ids else "none") is None
+    assert [scene.GetNodeByID(i) for i in models] == [None]
     assert np.array_equal(exported(scene, node, left_id, volume), sparse_planes(left, 0, 6, 2).astype(np.uint8))
     assert np.array_equal(exported(scene, node, right_id, volume), right_before)
     assert [e[:3] for e in snapshot(scene)] == [e[:3] for e in before]

@@ -612,6 +612,46 @@ def test_torchrun_data_parallel_training(tmp_path, method):
     assert card["training"]["iterations"] == 2 and card["training"]["method"] == method
 
 
+AVERAGING_SCRIPT = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from training.maml import average_gradients_across_processes
+
+def run(rank, port, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    parameter.grad = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)  # each process its own gradient
+    average_gradients_across_processes(torch.optim.Adam([parameter]))
+    with open(os.path.join(out, f"{rank}.json"), "w") as handle:
+        json.dump(parameter.grad.tolist(), handle)
+    dist.barrier()
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(run, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
+"""
+
+
+def test_data_parallel_processes_step_on_the_mean_of_their_gradients(tmp_path):
+    """What makes two torchrun processes train one prior: before each outer step every process
+    holds the mean of all processes' gradients (Gloo, as on a CPU)."""
+    import socket
+
+    script = tmp_path / "average.py"
+    script.write_text(AVERAGING_SCRIPT)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run([sys.executable, str(script), str(port), str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                              [ROOT, os.path.join(ROOT, "MetaShapeRecon"), os.environ.get("PYTHONPATH", "")])))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == [1.5, 3.0, 4.5]
+
+
 def test_publish_gathers_evaluations_into_results_md(tmp_path):
     from training.publish import publish
 
@@ -886,20 +926,21 @@ def test_save_autodecoder_keeps_the_earlier_pair_when_saving_fails(tmp_path):
 def test_the_progress_bar_is_drawn_at_its_interval_not_every_iteration(tmp_path, monkeypatch, method):
     import io
 
-    from tqdm import tqdm
-
     from training import autodecoder, maml, pretrain
+    from training.progress import progress_bar
 
     drawn = io.StringIO()
     module = {"maml": maml, "pretrain": pretrain, "autodecoder": autodecoder}[method]
-    monkeypatch.setattr(module, "progress_bar", lambda **kwargs: tqdm(file=drawn, mininterval=3600,
-                                                                      **dict(kwargs, disable=False)))
+    monkeypatch.delenv("METASHAPERECON_NO_PROGRESS", raising=False)
+    # the product's own bar (stderr is no terminal here: its interval for logs), drawn into `drawn`
+    monkeypatch.setattr(module, "progress_bar", lambda **kwargs: progress_bar(file=drawn, **dict(kwargs, disable=False)))
     config = small_config(**{f"{method}.iterations": 6, "autodecoder.batch_shapes": 2, "autodecoder.latent_size": 8,
                              "autodecoder.hidden_features": 16})
     train = {"maml": maml.train_maml, "pretrain": pretrain.train_pretrain,
              "autodecoder": autodecoder.train_autodecoder}[method]
     train(config, str(tmp_path / "run"), shapes=shapes_from_family(4))
-    assert drawn.getvalue().count("\r") <= 3, drawn.getvalue()  # the first and the last, not one per iteration
+    text = drawn.getvalue()
+    assert "6/6" in text and text.count("\r") <= 3, text  # the first and the last, not one per iteration
 
 
 def test_cli_help_tune_header_and_prepare_checks(tmp_path, capsys, synthetic_cache):
