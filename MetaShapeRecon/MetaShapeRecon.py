@@ -11,6 +11,7 @@ widget starts the persistent worker thread, which imports it and warms it up in 
 Adaptation runs on that thread; only the main thread touches MRML and Qt.
 """
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -234,7 +235,11 @@ class MetaShapeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.segmentID = shownSegment
         shown = self._currentData(self.ui.priorComboBox)
         if shown and shown != LOAD_PRIOR_FILE and shown != self._parameterNode.prior:
-            self._parameterNode.prior = shown  # the saved prior is gone: use the one shown
+            saved = self._parameterNode.prior
+            self._parameterNode.prior = shown  # the saved prior is gone: use the one shown, and say so
+            if saved:
+                self.ui.statusLabel.text = _("The scene's prior {saved} is not available here; {shown} is selected "
+                                             "instead.").format(saved=saved, shown=shown)
         self._updatePriorInfo()
         self._updateButtons()
 
@@ -430,9 +435,9 @@ class MetaShapeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = _("Loading the prior...")
         self.ui.progressBar.setRange(0, 0)  # busy until the first step is reported
         self.ui.progressBar.show()
-        self._task = self.logic.worker().compute(job)
-        self._updateButtons()
         try:
+            self._task = self.logic.worker().compute(job)
+            self._updateButtons()
             # Pump Qt events while the worker runs: the GUI stays responsive (and Cancel works),
             # and waiting on the task releases the GIL to the worker.
             while not self._task.wait(POLL_INTERVAL_S):
@@ -445,7 +450,9 @@ class MetaShapeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateButtons()
         if task.error is not None:
             raise task.error
-        with slicer.util.RenderBlocker():
+        if task.cancelled:  # Cancel, a scene close or the module closing came after the last step
+            raise Cancelled("cancelled")
+        with slicer.util.RenderBlocker(), self._keptSegmentSelection():
             result = slicer_logic.apply(job, task.result)
         self._lastResult = result
         self.ui.statusLabel.text = ""
@@ -455,6 +462,21 @@ class MetaShapeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultLabel.text = text
         logging.info(text)
         self._updateButtons()
+
+    @contextlib.contextmanager
+    def _keptSegmentSelection(self):
+        """Keep the selected segment through a change of the segmentation's segments: the segment
+        selector refills itself on every segment added, removed or retagged, and falls back to
+        the first segment, which the next Reconstruct would then take."""
+        selector = self.ui.segmentSelector
+        node, segmentId = selector.currentNode(), selector.currentSegmentID()
+        try:
+            yield
+        finally:
+            if (node is not None and segmentId and selector.currentNode() is node
+                    and node.GetSegmentation().GetSegment(segmentId) is not None
+                    and selector.currentSegmentID() != segmentId):
+                selector.setCurrentSegmentID(segmentId)
 
     def _showProgress(self, task) -> None:
         latest, segment = task.latest, task.segment
@@ -479,7 +501,7 @@ class MetaShapeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onUndoButton(self) -> None:
         if self._lastResult is None:
             return
-        with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True), self._keptSegmentSelection():
             self._lastResult.undo()
             self.ui.resultLabel.text = _("Last reconstruction undone.")
         self._lastResult = None

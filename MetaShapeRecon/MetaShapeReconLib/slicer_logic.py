@@ -53,6 +53,12 @@ CONTROL_LABELS = {
     "--prior": "Shape prior",
     "--precision": "precision",  # no control; reconstruct_segment's argument
 }
+# option values as the module's controls show them (before the options themselves are renamed)
+CONTROL_VALUES = {
+    "--steps auto": "'until converged'",
+    "--slices axial:1": "'Drawn planes' Axial, every 1",
+    "--device cpu": "'Device' CPU",
+}
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 
 Progress = Callable[[int, int, Optional[float]], bool]
@@ -454,6 +460,8 @@ def prepare(segmentation_node, segment_id=None, reference_volume_node=None, prio
 
 def _name_controls(message: str) -> str:
     """An engine message with the command-line options it names replaced by the module's controls."""
+    for option, control in CONTROL_VALUES.items():
+        message = message.replace(option, control)
     return re.sub(r"--[a-z][a-z-]*", lambda m: f"'{CONTROL_LABELS[m.group(0)]}'" if m.group(0) in CONTROL_LABELS
                   else m.group(0), message)
 

@@ -919,3 +919,13 @@ def test_a_failure_with_scene_undo_on_leaves_no_undo_step(scene, quick_prior, bl
 
     assert snapshot(scene) == before
     assert (scene.GetNumberOfUndoLevels(), scene.GetNumberOfRedoLevels(), node.GetUndoEnabled()) == (levels, 0, undoable)
+
+
+def test_engine_messages_name_the_modules_controls_and_their_values():
+    from MetaShapeReconLib.slicer_logic import _name_controls
+
+    assert _name_controls("--steps auto: the loss was still improving") == "'until converged': the loss was still improving"
+    assert _name_controls("try --device cpu or a coarser --output-spacing") == \
+        "try 'Device' CPU or a coarser 'Output geometry'"
+    assert _name_controls("e.g. --slices axial:1)") == "e.g. 'Drawn planes' Axial, every 1)"
+    assert _name_controls("--steps many: expected a whole number") == "'Adaptation steps' many: expected a whole number"
