@@ -23,6 +23,7 @@ geometries are expressed in the segmentation node's own coordinate frame (below 
 transform), so the output lands exactly where the input segment is.
 """
 
+import logging
 import queue
 import re
 import subprocess
@@ -993,6 +994,8 @@ class Task:
 
     def _run(self) -> None:
         try:
+            if self.cancelled:  # cancelled while it waited behind another task (the warm-up)
+                raise Cancelled("cancelled")
             self.result = self._function(self)
         except BaseException as error:  # handed to the main thread, which reports it
             self.error = error
@@ -1001,9 +1004,14 @@ class Task:
 
 
 def _warm_up_torch() -> None:
-    from .adaptation import warm_up  # imports torch: on the worker thread, never in the GUI's way
+    """Import PyTorch and take one step, so the first reconstruction does not pay for it. A
+    failure here only costs that time: it is logged, and the reconstruction reports its own."""
+    try:
+        from .adaptation import warm_up  # imports torch: on the worker thread, never in the GUI's way
 
-    warm_up()
+        warm_up()
+    except Exception as error:
+        logging.warning(f"MetaShapeRecon: warming PyTorch up failed ({type(error).__name__}: {error})")
 
 
 class ReconstructionWorker:

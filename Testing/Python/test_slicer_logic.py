@@ -929,3 +929,20 @@ def test_engine_messages_name_the_modules_controls_and_their_values():
         "try 'Device' CPU or a coarser 'Output geometry'"
     assert _name_controls("e.g. --slices axial:1)") == "e.g. 'Drawn planes' Axial, every 1)"
     assert _name_controls("--steps many: expected a whole number") == "'Adaptation steps' many: expected a whole number"
+
+
+def test_a_task_cancelled_while_it_waits_never_runs():
+    from MetaShapeReconLib.slicer_logic import ReconstructionWorker
+
+    worker = ReconstructionWorker()
+    release, ran = threading.Event(), []
+    try:
+        busy = worker.submit(lambda task: release.wait(30))  # as the warm-up, ahead in the queue
+        waiting = worker.submit(lambda task: ran.append(True))
+        waiting.cancel()
+        release.set()
+        assert busy.wait(30) and waiting.wait(30)
+        assert isinstance(waiting.error, Cancelled) and ran == []
+    finally:
+        release.set()
+        worker.shutdown(10)
