@@ -221,7 +221,8 @@ def evaluate_case(shape: Shape, setting: str, methods: Dict[str, object], config
             function = fill_between_slices if name == "fill_between_slices" else signed_distance_interpolation
             started = time.perf_counter()
             output = function(sparse, planes, shape.geometry)
-            add(name, [dict(metrics(output, shape.mask, spacing), steps=0, seconds=time.perf_counter() - started)])
+            seconds = time.perf_counter() - started  # the tool's own time, as ours is timed: not the metrics'
+            add(name, [dict(metrics(output, shape.mask, spacing), steps=0, seconds=seconds)])
     for name in ("maml", "pretrain"):
         prior = methods.get(name)
         if prior is None or (name != "maml" and not full):
@@ -450,7 +451,7 @@ def _at_step(rows, method, setting, step, key="dice"):
     for shape in sorted({r["shape"] for r in _select(rows, method=method, setting=setting)}):
         trajectory = [r for r in _select(rows, method=method, setting=setting, shape=shape) if r["steps"] >= 0]
         done = [r for r in trajectory if r["steps"] <= step]
-        if done:  # stopped early: the converged result stands for later steps
+        if done:  # stopped early: its last snapshot stands for the later steps
             values.append(max(done, key=lambda r: r["steps"])[key])
     return values
 
@@ -522,7 +523,8 @@ def _write_results(temporary: Dict[str, str], rows: List[dict], transfer_rows: L
         earlier = _earlier_command(args.reuse, args.config) if getattr(args, "reuse", None) else None
         lines += [f"Rows of {', '.join(NAMES[m] for m in reused)} are carried over from an earlier evaluation on the "
                   f"same inputs ({', '.join(p for p in (args.reuse, getattr(args, 'reuse_transfer', None)) if p)}); "
-                  f"their seconds were measured there{_carried_precision(rows, reused)}."
+                  f"their seconds were measured there{_carried_precision(rows, reused)}, under that run's "
+                  "conditions (threads, other jobs): compare their steps with ours, not their seconds."
                   + (f" That evaluation: `{earlier}`" if earlier else ""), ""]
 
     interpolated = "maml_interpolated" in present

@@ -220,6 +220,28 @@ def test_the_timed_reconstructions_follow_one_untimed_warm_up(run, monkeypatch):
     assert [r["dice"] for r in rows if r["method"] == "fill_between_slices"] == expected
 
 
+def test_the_classic_tools_are_timed_without_the_metrics(run, monkeypatch):
+    """Their seconds are the tool's own, as ours are: computing Dice, ASD and HD95 is not counted."""
+    import time
+
+    config = tiny_config(run["root"])
+    shape = load_shapes(config["data"]["cache"], load_split(config)["test"])[0]
+    real_metrics = evaluate_module.metrics
+
+    def slow_metrics(*args):
+        time.sleep(0.5)
+        return real_metrics(*args)
+
+    classic = {"fill_between_slices": True, "sdf_interpolation": True}
+    evaluate_module.evaluate_case(shape, "sagittal:8", classic, config, evaluate_module.np.random.default_rng(0),
+                                  torch.device("cpu"))  # ITK's one-time set-up, as evaluate's warm-up pays it
+    monkeypatch.setattr(evaluate_module, "metrics", slow_metrics)
+    rows = evaluate_module.evaluate_case(shape, "sagittal:8", classic, config, evaluate_module.np.random.default_rng(0),
+                                         torch.device("cpu"))
+    assert sorted(r["method"] for r in rows) == ["fill_between_slices", "sdf_interpolation"]
+    assert all(r["seconds"] < 0.5 for r in rows), rows
+
+
 # --- publish ---------------------------------------------------------------------------------------
 
 def evaluation_folder(folder, dice):
