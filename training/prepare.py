@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
+from MetaShapeReconLib.labelmap_io import error_reason
 from MetaShapeReconLib.resample import centred_grid, resample_smooth
 
 from .files import read_split
@@ -141,8 +142,7 @@ def _prepare_one(job):
     try:
         shapes = shapes_of_case(case, path, extra, data, extent)
     except (RuntimeError, ValueError) as error:  # ITK's reading errors; not a 3-D labelmap
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        return case, None, next((line for line in lines if "ITK ERROR" in line), lines[-1] if lines else repr(error))
+        return case, None, error_reason(error)
     for shape in shapes:
         mask = shape.pop("mask")
         file = os.path.join(cache, shape["name"] + ".npz")

@@ -59,22 +59,43 @@ METAIMAGE_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 
                    "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
 
 
-def _check_metaimage(path: str) -> None:
-    """Raise InputError when a MetaImage header ends before it names its data, or its voxel data
-    is shorter than it says (not checked: a list of data files, a type not listed)."""
+HEADER_BYTES = 1 << 16  # as much of a file as its text header may take
+
+
+def _head(path: str) -> bytes:
     with open(path, "rb") as handle:
-        head = handle.read(1 << 16)
-    fields, header_bytes = {}, None
+        return handle.read(HEADER_BYTES)
+
+
+def _metaimage_fields(head: bytes) -> Tuple[dict, Optional[int]]:
+    """A MetaImage header's fields, up to ElementDataFile (its last), and the offset where its
+    voxels begin (None when the header does not get that far)."""
+    fields = {}
     for line in head.split(b"\n"):
         name, separator, value = line.decode("latin-1").partition("=")
         if not separator:  # a blank or stray line
             continue
         fields[name.strip()] = value.strip()
         if name.strip() == "ElementDataFile":
-            header_bytes = head.index(line) + len(line) + 1
-            break
+            return fields, head.index(line) + len(line) + 1
+    return fields, None
+
+
+def _named_data_file(header_path: str, value: Optional[str]) -> Optional[str]:
+    """The one data file a header names (ElementDataFile, NRRD's data file), beside the header;
+    None when the data is in the header itself or in a list or pattern of files."""
+    if not value or value.upper() in ("LOCAL", "LIST") or " " in value or "%" in value:
+        return None
+    return os.path.join(os.path.dirname(os.path.abspath(header_path)), value)
+
+
+def _check_metaimage(path: str) -> None:
+    """Raise InputError when a MetaImage header ends before it names its data, or its voxel data
+    is shorter than it says (not checked: a list of data files, a type not listed)."""
+    head = _head(path)
+    fields, header_bytes = _metaimage_fields(head)
     data = fields.get("ElementDataFile")
-    if data is None and len(head) < 1 << 16:
+    if data is None and len(head) < HEADER_BYTES:
         raise InputError(f"{path} is truncated or corrupt (its header ends before it names the voxel data)")
     if fields.get("BinaryData", "True").lower() == "false":  # voxels as text: no size to check
         return
@@ -87,12 +108,10 @@ def _check_metaimage(path: str) -> None:
         if "CompressedDataSize" not in fields or not fields["CompressedDataSize"].isdigit():
             return
         needed = int(fields["CompressedDataSize"])
+    data_path = _named_data_file(path, data)
     if data == "LOCAL" and header_bytes is not None:
         there = os.path.getsize(path) - header_bytes
-    elif data and data.upper() != "LIST" and " " not in data and "%" not in data:
-        data_path = os.path.join(os.path.dirname(os.path.abspath(path)), data)
-        if not os.path.isfile(data_path):
-            return  # said by _metaimage_reason
+    elif data_path is not None and os.path.isfile(data_path):  # a missing one: said by _metaimage_reason
         there = os.path.getsize(data_path)
     else:
         return
@@ -149,22 +168,21 @@ def read_files(path: str) -> List[str]:
     or an .mha that names another file), the one data file it names (none when the data is in the
     header, or in a list of files)."""
     path = str(path)
-    key = {".mhd": "ElementDataFile", ".mha": "ElementDataFile", ".nhdr": "data file"}.get(_suffix(path))
-    if key is None:
+    suffix = _suffix(path)
+    if suffix not in (".mhd", ".mha", ".nhdr"):
         return [path]
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(1 << 16).decode("latin-1")
+        head = _head(path)
     except OSError:
         return [path]
-    for line in head.splitlines():
-        name, separator, value = line.partition(":" if key == "data file" else "=")
-        value = value.strip()
-        if separator and name.strip().lower() in (key.lower(), "datafile") and value:
-            if value.upper() in ("LOCAL", "LIST") or " " in value or "%" in value:
-                return [path]
-            return [path, os.path.join(os.path.dirname(os.path.abspath(path)), value)]
-    return [path]
+    if suffix == ".nhdr":
+        named = next((value.strip() for name, separator, value in
+                      (line.partition(":") for line in head.decode("latin-1").splitlines())
+                      if separator and name.strip().lower() in ("data file", "datafile") and value.strip()), None)
+    else:
+        named = _metaimage_fields(head)[0].get("ElementDataFile")
+    data_path = _named_data_file(path, named)
+    return [path] + ([data_path] if data_path else [])
 
 
 def _metaimage_reason(path: str) -> str:
@@ -172,15 +190,11 @@ def _metaimage_reason(path: str) -> str:
     for a truncated file."""
     if path.lower().endswith(".mhd"):
         try:
-            with open(path, errors="replace") as handle:
-                fields = dict(line.split("=", 1) for line in handle if "=" in line)
+            data_path = _named_data_file(path, _metaimage_fields(_head(path))[0].get("ElementDataFile"))
         except OSError:
-            fields = {}
-        data = {k.strip(): v.strip() for k, v in fields.items()}.get("ElementDataFile", "")
-        if data and data not in ("LOCAL", "LIST") and " " not in data and "%" not in data:
-            data_path = os.path.join(os.path.dirname(os.path.abspath(path)), data)
-            if not os.path.isfile(data_path):
-                return f"cannot read {path}: its data file {data_path} does not exist"
+            data_path = None
+        if data_path is not None and not os.path.isfile(data_path):
+            return f"cannot read {path}: its data file {data_path} does not exist"
     return f"{path} is truncated or corrupt (MetaImage could not read all its data)"
 
 
@@ -260,7 +274,7 @@ def check_writable(path: str, kind: str, suffixes: Tuple[str, ...]) -> None:
         longest = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # no such limit here (Windows) or not known
         longest = None
-    names = [os.path.basename(f) for f in (written_files(path) if suffixes == LABELMAP_SUFFIXES else [path])]
+    names = [os.path.basename(f) for f in written_files(path)]  # a header's data file too
     if longest and max(len(os.fsencode(name)) for name in names) > longest:
         raise InputError(f"{kind} {path}: the file name is longer than this file system allows ({longest} bytes)")
 

@@ -311,9 +311,10 @@ def reconstruct(labels: np.ndarray, geometry: Geometry, prior: Prior, steps: Uni
         timings = dict(interpolate=interpolate_seconds, **timings)
 
     offset = output_geometry.lattice_offset(geometry)
-    keeps_drawing = offset is not None and _overlap(offset, output.shape, mask.shape) is not None
+    overlap = None if offset is None else _overlap(offset, output.shape, mask.shape)
+    keeps_drawing = overlap is not None
     if keeps_drawing:  # the drawing's grid, or a crop or extension of it: the drawing is the truth there
-        drawn_dice, removed_parts, removed_voxels = _finish_on_lattice(output, mask, planes, offset)
+        drawn_dice, removed_parts, removed_voxels = _finish_on_lattice(output, mask, planes, offset, overlap)
     else:
         drawn_dice = dice(network.probabilities(context.coords.cpu().numpy()) >= 0.5, context.target.cpu().numpy())
         removed_parts = removed_voxels = 0
@@ -358,9 +359,17 @@ def _overlap(offset, output_shape, drawing_shape):
     return None if np.any(high <= low) else tuple(slice(int(a), int(b)) for a, b in zip(low, high))
 
 
-def _finish_on_lattice(output: np.ndarray, mask: np.ndarray, planes: ObservedPlanes, offset):
+def _planes_within(planes: ObservedPlanes, low, high) -> ObservedPlanes:
+    """The planes that cross the box [low, high) (indices), numbered from its corner."""
+    inside = {axis: indices[(indices >= low[axis]) & (indices < high[axis])] - low[axis]
+              for axis, indices in planes.items()}
+    return {axis: indices for axis, indices in inside.items() if len(indices)}
+
+
+def _finish_on_lattice(output: np.ndarray, mask: np.ndarray, planes: ObservedPlanes, offset, overlap):
     """`finish_on_drawing` for an output grid on the drawing's lattice whose first voxel is the
-    drawing's voxel `offset`: (Dice on the drawn planes, parts removed, voxels removed), in place.
+    drawing's voxel `offset` (`overlap`: where the two grids meet, `_overlap`): (Dice on the drawn
+    planes, parts removed, voxels removed), in place.
     Both live in one box (drawing indices) that holds the output and the drawn structure, so a
     part inside the output is kept when what supports it was drawn just outside. On the planes,
     voxels outside the drawing's grid were never seen: they keep the network's value and support
@@ -368,27 +377,22 @@ def _finish_on_lattice(output: np.ndarray, mask: np.ndarray, planes: ObservedPla
     if tuple(offset) == (0, 0, 0) and output.shape == mask.shape:
         drawn_dice = _drawn_dice(output, mask, planes)
         return (drawn_dice,) + finish_on_drawing(output, mask, planes)
-    overlap = _overlap(offset, output.shape, mask.shape)
     inside = tuple(slice(o.start - a, o.stop - a) for o, a in zip(overlap, offset))  # the overlap, output indices
-    in_overlap = {axis: indices[(indices >= overlap[axis].start) & (indices < overlap[axis].stop)]
-                  - overlap[axis].start for axis, indices in planes.items()}
+    in_overlap = _planes_within(planes, [o.start for o in overlap], [o.stop for o in overlap])
     seen = output[inside].any() or mask[overlap].any()
     drawn_dice = _drawn_dice(output[inside], mask[overlap], in_overlap) if seen else 1.0  # as `dice` of nothing
 
     drawn = [np.nonzero(mask.any(axis=others))[0] for others in ((1, 2), (0, 2), (0, 1))]
     low = np.minimum(offset, [d[0] for d in drawn])
     high = np.maximum(np.add(offset, output.shape), [d[-1] + 1 for d in drawn])
+    drawing_part = tuple(slice(int(max(lo, 0)), int(min(hi, n))) for lo, hi, n in zip(low, high, mask.shape))
+    where_drawing = tuple(slice(int(d.start - lo), int(d.stop - lo)) for d, lo in zip(drawing_part, low))
     where_output = tuple(slice(int(o - lo), int(o - lo + n)) for o, lo, n in zip(offset, low, output.shape))
-    where_drawing = tuple(slice(int(max(lo, 0) - lo), int(min(hi, n) - lo))
-                          for lo, hi, n in zip(low, high, mask.shape))
     result = np.zeros(tuple(int(n) for n in high - low), dtype=output.dtype)
     result[where_output] = output
     truth = result.copy()  # off the drawing's grid: what the network says
-    truth[where_drawing] = mask[tuple(slice(int(max(lo, 0)), int(min(hi, n)))
-                                      for lo, hi, n in zip(low, high, mask.shape))]
-    in_box = {axis: indices[(indices >= low[axis]) & (indices < high[axis])] - low[axis]
-              for axis, indices in planes.items()}
-    in_box = {a: i for a, i in in_box.items() if len(i)}
+    truth[where_drawing] = mask[drawing_part]
+    in_box = _planes_within(planes, low, high)
     keep_drawn_planes(result, truth, in_box)
     removed = drop_unsupported_parts(result, in_box, seen=where_drawing)
     output[...] = result[where_output]

@@ -157,7 +157,7 @@ def test_an_output_grid_on_the_drawings_lattice_keeps_the_drawing_where_it_cover
 def test_beyond_the_drawings_grid_the_planes_support_nothing():
     """An output grid extending the drawing's: a part of the network's that touches the drawn plane
     only where it runs on beyond the drawing's grid is not supported, inside the grid or out."""
-    from MetaShapeReconLib.pipeline import _finish_on_lattice
+    from MetaShapeReconLib.pipeline import _finish_on_lattice, _overlap
 
     drawing = np.zeros((10, 10, 10), np.uint8)
     drawing[5, 3:7, 3:7] = 1
@@ -166,7 +166,8 @@ def test_beyond_the_drawings_grid_the_planes_support_nothing():
     output[4:7, 13:17, 3:7] = 1  # the drawn structure, a voxel thick either side of its plane
     output[4:7, 8:12, 0:2] = 1  # straddles the grid's edge at j = 0, crosses plane i = 5 on both sides
     output[4:7, 2:5, 4:7] = 1  # wholly beyond the grid
-    _, parts, voxels = _finish_on_lattice(output, drawing, planes, (0, -10, 0))
+    offset = (0, -10, 0)
+    _, parts, voxels = _finish_on_lattice(output, drawing, planes, offset, _overlap(offset, output.shape, drawing.shape))
     assert (parts, voxels) == (2, 20 + 27)  # 4 of the straddling part's 24 lie on the drawn plane: cleared first
     assert output[4:7, 13:17, 3:7].all() and output.sum() == 48
 
